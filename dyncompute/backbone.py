@@ -1,0 +1,50 @@
+"""The adaLN-Zero DiT backbone over packed `Tokens`."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from timm.layers import Mlp
+
+from .attention import PackedAttention
+from .layers import modulate
+from .tokens import Tokens
+
+
+class DiTBlock(nn.Module):
+    """DiT block with adaLN-Zero conditioning; per-sample modulation is gathered onto tokens."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = PackedAttention(hidden_size, num_heads=num_heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor, tokens: Tokens) -> torch.Tensor:
+        """h: ``tokens.batched()`` layout; c: (B, D) conditioning."""
+        mod = tokens.align(self.adaLN_modulation(c)).chunk(6, dim=-1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        h = h + gate_msa * self.attn(modulate(self.norm1(h), shift_msa, scale_msa), tokens)
+        h = h + gate_mlp * self.mlp(modulate(self.norm2(h), shift_mlp, scale_mlp))
+        return h
+
+    def zero_init(self) -> None:
+        nn.init.zeros_(self.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.adaLN_modulation[-1].bias)
+
+
+class Backbone(nn.Module):
+    """A stack of DiT blocks; sees only tokens and the conditioning vector, never the grid."""
+
+    def __init__(self, hidden_size: int, depth: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+
+    def forward(self, tokens: Tokens, c: torch.Tensor) -> Tokens:
+        h = tokens.batched()
+        for block in self.blocks:
+            h = block(h, c, tokens)
+        return tokens.with_x(h.reshape(tokens.x.shape))

@@ -1,0 +1,1 @@
+"""Reducer plugins: token- and step-level compute reduction."""

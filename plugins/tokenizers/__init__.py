@@ -1,0 +1,1 @@
+"""Tokenizer plugins: the grid <-> token ends of a model."""
