@@ -25,8 +25,8 @@ class DiTBlock(nn.Module):
         """h: ``tokens.batched()`` layout; c: (B, D) conditioning."""
         mod = tokens.align(self.adaLN_modulation(c)).chunk(6, dim=-1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        h = h + gate_msa * self.attn(modulate(self.norm1(h), shift_msa, scale_msa), tokens)
-        h = h + gate_mlp * self.mlp(modulate(self.norm2(h), shift_mlp, scale_mlp))
+        h = torch.addcmul(h, gate_msa, self.attn(modulate(self.norm1(h), shift_msa, scale_msa), tokens))
+        h = torch.addcmul(h, gate_mlp, self.mlp(modulate(self.norm2(h), shift_mlp, scale_mlp)))
         return h
 
     def zero_init(self) -> None:

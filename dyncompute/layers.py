@@ -11,8 +11,8 @@ import torch.nn as nn
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN modulation; ``shift``/``scale`` are already broadcastable against ``x``."""
-    return x * (1 + scale) + shift
+    """adaLN modulation x * (1 + scale) + shift, fused; ``shift``/``scale`` broadcast against ``x``."""
+    return torch.addcmul(shift, x, 1 + scale)
 
 
 class TimestepEmbedder(nn.Module):

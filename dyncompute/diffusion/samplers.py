@@ -1,0 +1,176 @@
+"""Samplers as registry plugins: ``SAMPLERS.build("ddim", num_steps=50)``.
+
+Every sampler counts its model evaluations (``nfe``) and records the timestep each evaluation
+saw (``timesteps_seen``, original 1000-step indices for Gaussian samplers, floats in [0, 1] for
+the ODE sampler), so compute can be accounted per sample call. One call of ``model_fn`` is one
+evaluation, even when it runs a doubled classifier-free-guidance batch.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from dyncompute.registry import SAMPLERS
+
+from .gaussian import GaussianDiffusion
+from .respace import create_diffusion
+from .transport import Transport, resolve_ode_method
+
+SPACINGS = ("fractional", "ddim")
+
+
+class CountingModel:
+    """Wraps ``model_fn`` to count calls and record the timestep of each."""
+
+    def __init__(self, model_fn: Callable):
+        self.model_fn = model_fn
+        self.nfe = 0
+        self.timesteps_seen: list = []
+
+    def __call__(self, x, t, **kwargs):
+        self.nfe += 1
+        self.timesteps_seen.append(t.reshape(-1)[0].item())
+        return self.model_fn(x, t, **kwargs)
+
+
+class Sampler:
+    """Shared bookkeeping: ``nfe`` and ``timesteps_seen`` describe the last ``sample`` call."""
+
+    kind: str = ""
+    _counter: CountingModel | None = None
+
+    @property
+    def nfe(self) -> int:
+        return self._counter.nfe if self._counter else 0
+
+    @property
+    def timesteps_seen(self) -> list:
+        return self._counter.timesteps_seen if self._counter else []
+
+    def objective(self):
+        """The training objective a model must have been trained with to use this sampler."""
+        raise NotImplementedError
+
+    def sample(self, model_fn, shape, model_kwargs=None, noise=None, device="cpu",
+               progress=False, generator=None) -> Tensor:
+        raise NotImplementedError
+
+    def _count(self, model_fn) -> CountingModel:
+        self._counter = CountingModel(model_fn)
+        return self._counter
+
+    @staticmethod
+    def _initial_noise(shape, noise, device, generator) -> Tensor:
+        if noise is not None:
+            return noise.to(device)
+        return torch.randn(*shape, device=device, generator=generator)
+
+
+class _GaussianSampler(Sampler):
+    """Common set-up of DDPM/DDIM: a respaced copy of DiT's diffusion."""
+
+    kind = "gaussian"
+
+    def __init__(self, num_steps, spacing, learn_sigma, noise_schedule, diffusion_steps,
+                 clip_denoised):
+        if spacing not in SPACINGS:
+            raise ValueError(f"unknown spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
+        self.num_steps, self.clip_denoised = num_steps, clip_denoised
+        self._objective_kwargs = dict(
+            noise_schedule=noise_schedule, learn_sigma=learn_sigma, diffusion_steps=diffusion_steps
+        )
+        respacing = f"ddim{num_steps}" if spacing == "ddim" else str(num_steps)
+        self.diffusion = create_diffusion(respacing, **self._objective_kwargs)
+
+    def objective(self) -> GaussianDiffusion:
+        return create_diffusion("", **self._objective_kwargs)
+
+    def sample(self, model_fn, shape, model_kwargs=None, noise=None, device="cpu",
+               progress=False, generator=None) -> Tensor:
+        x = self._initial_noise(shape, noise, device, generator)
+        return self._loop(self._count(model_fn), tuple(shape), x, model_kwargs, progress, generator)
+
+
+@SAMPLERS.register("ddpm")
+class DDPMSampler(_GaussianSampler):
+    """Ancestral DDPM sampling on ``num_steps`` respaced steps (DiT's sample.py: 250).
+
+    ``clip_denoised`` defaults to False because DiT samples in (unbounded) VAE latent space.
+    """
+
+    def __init__(self, num_steps: int = 250, spacing: str = "fractional", learn_sigma: bool = True,
+                 noise_schedule: str = "linear", diffusion_steps: int = 1000,
+                 clip_denoised: bool = False):
+        super().__init__(num_steps, spacing, learn_sigma, noise_schedule, diffusion_steps,
+                         clip_denoised)
+
+    def _loop(self, model, shape, x, model_kwargs, progress, generator):
+        return self.diffusion.p_sample_loop(
+            model, shape, noise=x, clip_denoised=self.clip_denoised, model_kwargs=model_kwargs,
+            device=x.device, progress=progress, generator=generator,
+        )
+
+
+@SAMPLERS.register("ddim")
+class DDIMSampler(_GaussianSampler):
+    """DDIM sampling (Song et al. 2021); ``eta=0`` is deterministic given the initial noise."""
+
+    def __init__(self, num_steps: int = 50, eta: float = 0.0, spacing: str = "ddim",
+                 learn_sigma: bool = True, noise_schedule: str = "linear",
+                 diffusion_steps: int = 1000, clip_denoised: bool = False):
+        super().__init__(num_steps, spacing, learn_sigma, noise_schedule, diffusion_steps,
+                         clip_denoised)
+        self.eta = eta
+
+    def _loop(self, model, shape, x, model_kwargs, progress, generator):
+        return self.diffusion.ddim_sample_loop(
+            model, shape, noise=x, clip_denoised=self.clip_denoised, model_kwargs=model_kwargs,
+            device=x.device, progress=progress, eta=self.eta, generator=generator,
+        )
+
+
+@SAMPLERS.register("ode")
+class ODESampler(Sampler):
+    """Flow-matching ODE sampling with torchdiffeq (SiT's defaults: atol 1e-6, rtol 1e-3).
+
+    ``num_steps`` is the number of solver steps for fixed-grid methods (euler: 1 NFE per step,
+    heun/midpoint: 2, rk4: 4); dopri5 ignores it and adapts its steps to atol/rtol.
+    """
+
+    kind = "flow"
+
+    def __init__(self, num_steps: int = 50, method: str = "euler", atol: float = 1e-6,
+                 rtol: float = 1e-3):
+        resolve_ode_method(method)  # fail at construction, not mid-evaluation
+        self.num_steps, self.method, self.atol, self.rtol = num_steps, method, atol, rtol
+        self.transport = Transport()
+
+    def objective(self) -> Transport:
+        return Transport()
+
+    def sample(self, model_fn, shape, model_kwargs=None, noise=None, device="cpu",
+               progress=False, generator=None) -> Tensor:
+        model = self._count(model_fn)
+        x = self._initial_noise(shape, noise, device, generator)
+        with _progress_bar(progress) as bar:
+            return self.transport.sample_ode(
+                _ticking(model, bar), x, num_steps=self.num_steps, method=self.method,
+                atol=self.atol, rtol=self.rtol, model_kwargs=model_kwargs,
+            )
+
+
+def _progress_bar(enabled: bool):
+    """A tqdm bar counting evaluations (adaptive solvers have no step count known up front)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(unit="nfe", disable=not enabled)
+
+
+def _ticking(model, bar):
+    def call(x, t, **kwargs):
+        bar.update()
+        return model(x, t, **kwargs)
+
+    return call
