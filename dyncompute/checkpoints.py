@@ -31,18 +31,19 @@ def _rename(key: str, table) -> str | None:
     return None
 
 
-def infer_dit_config(state_dict: dict) -> dict:
-    """Read a DiT config off a state dict's shapes (num_heads from DiT's size table)."""
+def infer_dit_config(state_dict: dict, num_heads: int | None = None) -> dict:
+    """Read a DiT config off a state dict's shapes; num_heads (not in the shapes) from DiT's size table."""
     w = state_dict["x_embedder.proj.weight"]
     hidden, in_ch, p = w.shape[0], w.shape[1], w.shape[2]
     out_dim = state_dict["final_layer.linear.weight"].shape[0] // (p * p)
     depth = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k)))
     table = state_dict["y_embedder.embedding_table.weight"].shape[0]
     grid = int(round(state_dict["pos_embed"].shape[1] ** 0.5))
-    if hidden not in _DIT_HEADS:
-        raise ValueError(f"cannot infer num_heads for hidden size {hidden}; pass a config")
+    num_heads = num_heads or _DIT_HEADS.get(hidden)
+    if num_heads is None:
+        raise ValueError(f"cannot infer num_heads for hidden size {hidden} (not a DiT S/B/L/XL); pass a config")
     return dict(input_size=grid * p, patch_size=p, in_channels=in_ch, hidden_size=hidden, depth=depth,
-                num_heads=_DIT_HEADS[hidden], num_classes=table - 1, learn_sigma=out_dim == 2 * in_ch,
+                num_heads=num_heads, num_classes=table - 1, learn_sigma=out_dim == 2 * in_ch,
                 class_dropout_prob=0.1,
                 mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / hidden)
 
@@ -113,3 +114,17 @@ def _check_pos_embed(value: torch.Tensor, model: DiffusionTransformer) -> None:
     if value.shape != ours.shape or (value.float() - ours).abs().max() > 1e-4:
         raise ValueError(f"checkpoint pos_embed {tuple(value.shape)} is not DiT's frozen sin-cos table "
                          f"{tuple(ours.shape)}")
+
+
+def load_official_dcdit(state_dict: dict, config: dict | None = None, **tokenizer_kwargs) -> DiffusionTransformer:
+    """Build a DC-DiT from an AMD-AGI/DynamicChunkingDiT state dict (the dynamic_chunking plugin does it)."""
+    from dyncompute_plugins.tokenizers.dynamic_chunking.official import load_official_dcdit as load
+
+    return load(state_dict, config, **tokenizer_kwargs)
+
+
+def to_official_dcdit(model: DiffusionTransformer) -> dict:
+    """Export a dynamic_chunking model to AMD-AGI/DynamicChunkingDiT key names."""
+    from dyncompute_plugins.tokenizers.dynamic_chunking.official import to_official_dcdit as export
+
+    return export(model)
