@@ -32,18 +32,41 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-class RNGState:
-    """Global torch RNG and the data order generator, checkpointed so a resumed run continues exactly."""
+class SampleStream(torch.utils.data.Sampler):
+    """An endless, resumable order of dataset indices.
 
-    def __init__(self, data_generator: torch.Generator):
-        self.data_generator = data_generator
+    Pass e over the data is a permutation seeded by (seed, e); rank r of w takes its share of each
+    global batch. Iteration starts at the position the trainer has reached, so a resumed run (even
+    mid-pass) reads exactly the batches an uninterrupted run would have read.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, position, rank: int = 0, world: int = 1):
+        self.size, self.batch, self.seed, self.position = size, batch_size, seed, position
+        self.rank, self.world = rank, world
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+
+    def __iter__(self):
+        j = self.position() * self.batch  # samples this rank has consumed
+        epoch, perm = -1, None
+        while True:
+            g = (j // self.batch) * self.batch * self.world + self.rank * self.batch + j % self.batch
+            if g // self.size != epoch:
+                epoch = g // self.size
+                perm = self._perm(epoch)
+            yield int(perm[g % self.size])
+            j += 1
+
+
+class RNGState:
+    """The global torch RNG (timesteps, noise, label dropout), checkpointed for an exact resume."""
 
     def state_dict(self) -> dict:
-        return {"torch": torch.get_rng_state(), "data": self.data_generator.get_state()}
+        return {"torch": torch.get_rng_state()}
 
     def load_state_dict(self, state: dict) -> None:
         torch.set_rng_state(state["torch"])
-        self.data_generator.set_state(state["data"])
 
 
 @dataclass
@@ -74,6 +97,7 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
         out = {"loss": loss.item(), "grad_norm": grad_norm.item()}
         out.update({k: v.mean().item() for k, v in terms.items() if k != "loss"})
         out.update({f"aux_{k}": v.item() for k, v in aux.items()})
@@ -133,7 +157,8 @@ def train(
     """Train ``DiffusionTransformer()`` (configured by gin) on a registered dataset; resumes if possible."""
     run_dir = Path(run_dir)
     (run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(gin.config_str(), run_dir / "config.gin")
+    if idist.get_rank() == 0:
+        atomic_write_text(gin.config_str(), run_dir / "config.gin")
     torch.manual_seed(seed)
     dev = resolve_device(device)
     data = DATASETS.build(dataset)
@@ -143,24 +168,36 @@ def train(
                          f"{model.in_channels}x{model.input_size}x{model.input_size}")
     obj = make_objective(objective, **({"learn_sigma": model.learn_sigma} if objective == "gaussian" else {}))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    generator = torch.Generator().manual_seed(seed)
-    loader = idist.auto_dataloader(data, batch_size=batch_size, shuffle=True, drop_last=True,
-                                   num_workers=num_workers, generator=generator)
+    world = idist.get_world_size()
+    if batch_size % world:
+        raise ValueError(f"batch_size {batch_size} is not divisible by the {world} processes")
+    per_rank = batch_size // world
+    holder: dict = {}  # the stream reads the trainer's position when an iterator starts
+    stream = SampleStream(len(data), per_rank, seed, lambda: holder["trainer"].state.iteration,
+                          idist.get_rank(), world)
+    # the loader draws worker seeds from its own generator, never from the global RNG that the
+    # checkpoint restores (else where ignite restarts an iterator would shift every later draw)
+    loader = torch.utils.data.DataLoader(data, batch_size=per_rank, sampler=stream, num_workers=num_workers,
+                                         pin_memory=dev.type == "cuda",
+                                         generator=torch.Generator().manual_seed(seed))
     trainer = create_trainer(idist.auto_model(model), obj, idist.auto_optim(optimizer), grad_clip, dev)
+    torch.manual_seed(seed + idist.get_rank())  # ranks share the init (DDP broadcasts it), not the noise
+    holder["trainer"] = trainer
     ema = EMAHandler(model, momentum=1.0 - ema_decay)
     ema.attach(trainer, name="ema_momentum", event=Events.ITERATION_COMPLETED)
     _attach_lr_warmup(trainer, optimizer, lr, warmup_steps)
 
-    to_save = {"model": model, "ema": ema.ema_model, "optimizer": optimizer, "trainer": trainer,
-               "rng": RNGState(generator)}
+    to_save = {"model": model, "ema": ema.ema_model, "optimizer": optimizer,
+               "trainer": trainer, "rng": RNGState()}
     saver = Checkpoint(to_save, DiskSaver(run_dir / CHECKPOINT_DIR, require_empty=False, atomic=True),
                        n_saved=2, global_step_transform=lambda e, _: e.state.iteration)
     trainer.add_event_handler(Events.ITERATION_COMPLETED(every=checkpoint_every) | Events.COMPLETED, saver)
     metrics = MetricsLog(run_dir / METRICS_FILE, log_every)
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, metrics)
-    trainer.add_event_handler(Events.COMPLETED, lambda _: metrics.flush())
-    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=1),
-                              lambda _: atomic_write_text(gin.operative_config_str(), run_dir / "operative_config.gin"))
+    if idist.get_rank() == 0:  # one writer per run directory
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, metrics)
+        trainer.add_event_handler(Events.COMPLETED, lambda _: metrics.flush())
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=1), lambda _: atomic_write_text(
+            gin.operative_config_str(), run_dir / "operative_config.gin"))
     if progress:
         ProgressBar(persist=False).attach(trainer, output_transform=lambda out: {"loss": out["loss"]})
 
@@ -170,9 +207,28 @@ def train(
         metrics.resume(trainer.state.iteration)
     if trainer.state.iteration < steps:
         trainer.state.max_iters = steps  # a resumed run may be extended to more steps
-        trainer.run(loader, max_iters=steps)
+        trainer.run(loader, max_iters=steps, epoch_length=max(1, len(data) // batch_size))
     return {"run_dir": str(run_dir), "steps": trainer.state.iteration, "model": model, "ema": ema.ema_model,
             "metrics": pd.DataFrame(metrics.rows)}
+
+
+def _train_from_config(local_rank: int, config: str, bindings: list[str], run_dir: str) -> None:
+    from .config import scoped  # gin state is per process: every worker parses the config itself
+
+    with scoped([config], bindings):
+        train(run_dir, progress=idist.get_rank() == 0)
+
+
+def launch(config: str, bindings: list[str], run_dir: str, backend: str | None = None,
+           nproc_per_node: int | None = None) -> int:
+    """Train from a gin file on one process or, with a backend, on several (ignite.distributed).
+
+    Returns the step of the latest checkpoint written.
+    """
+    with idist.Parallel(backend=backend, nproc_per_node=nproc_per_node) as parallel:
+        parallel.run(_train_from_config, config, list(bindings), run_dir)
+    last = latest_checkpoint(run_dir)
+    return int(last.stem.rsplit("_", 1)[-1]) if last else 0
 
 
 def _attach_lr_warmup(trainer: Engine, optimizer, lr: float, warmup_steps: int) -> None:

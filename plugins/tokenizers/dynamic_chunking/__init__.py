@@ -1,0 +1,12 @@
+"""`dynamic_chunking`: DC-DiT (arXiv 2603.06351) as a tokenizer plugin.
+
+Encoder -> router -> chunk -> (any backbone) -> de-chunk -> decoder, with the backbone running on
+packed variable-length `Tokens`. Importing this package registers the tokenizer, its routers and its
+de-chunkers.
+"""
+from . import dechunk, routers  # noqa: F401  (registration)
+from .dechunk import DECHUNKERS
+from .routers import ROUTERS
+from .tokenizer import ChunkState, DynamicChunking
+
+__all__ = ["DynamicChunking", "ChunkState", "ROUTERS", "DECHUNKERS"]

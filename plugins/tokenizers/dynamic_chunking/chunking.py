@@ -1,0 +1,81 @@
+"""Boundary rules, tail dropping, and the chunk / plug-back index maths on the raster grid."""
+from __future__ import annotations
+
+import torch
+
+from dyncompute.tokens import Tokens
+
+
+class STE(torch.autograd.Function):
+    """Straight-through estimator: forward ones, backward passes the gradient to the confidence."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.ones_like(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def boundary_rules(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """First and last tokens are boundaries (p := 1); p > 0.5 is a boundary; confidence max(p, 1-p).
+
+    Returns (p, mask, confidence), all (B, L).
+    """
+    ends = torch.zeros_like(p, dtype=torch.bool)
+    ends[:, 0] = ends[:, -1] = True
+    p = torch.where(ends, torch.ones_like(p), p)
+    mask = p > 0.5
+    return p, mask, torch.where(mask, p, 1 - p)
+
+
+def check_tail_drop(rho) -> None:
+    values = rho.detach().float() if torch.is_tensor(rho) else torch.tensor(float(rho))
+    if values.numel() and (values.min() < 0 or values.max() >= 1 or torch.isnan(values).any()):
+        raise ValueError(f"tail_drop must lie in [0, 1), got {rho}")
+
+
+def drop_tail(p: torch.Tensor, mask: torch.Tensor, rho) -> torch.Tensor:
+    """Drop the floor(rho * |B|) boundaries with the lowest p of each sample; rho: float or (B,)."""
+    if not torch.is_tensor(rho) and rho == 0:
+        return mask
+    frac = rho.to(p.device, torch.float32).reshape(-1, 1) if torch.is_tensor(rho) else float(rho)
+    n_drop = (mask.sum(-1, keepdim=True).float() * frac).long()
+    order = p.float().masked_fill(~mask, float("inf")).argsort(dim=-1, stable=True)
+    ranks = order.argsort(dim=-1, stable=True)
+    return mask & ~(ranks < n_drop)
+
+
+def chunk(h: torch.Tensor, mask: torch.Tensor, pos_embed: torch.Tensor, width: int) -> Tokens:
+    """Keep boundary tokens of h (B, L, D) in raster order, add their original-position embedding."""
+    flat = mask.nonzero()[:, 1]  # raster index of every kept token, sample after sample
+    pos = torch.stack([flat // width, flat % width], dim=1)
+    return Tokens.from_lengths(h[mask] + pos_embed[flat].to(h.dtype), mask.sum(1).tolist(), pos)
+
+
+def pad_packed(x: torch.Tensor, tokens: Tokens) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed (T, ...) -> padded (B, M, ...) and its validity mask (B, M)."""
+    M = max(tokens.lengths)
+    valid = torch.arange(M, device=x.device)[None] < torch.tensor(tokens.lengths, device=x.device)[:, None]
+    out = x.new_zeros((tokens.num_samples, M) + tuple(x.shape[1:]))
+    out[valid] = x
+    return out, valid
+
+
+def nearest_kept(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, L) index, among each sample's kept tokens (raster order), of every grid position's nearest
+    kept token by Euclidean distance; ties go to the earlier raster index."""
+    B, L = mask.shape
+    idx = torch.arange(L, device=mask.device)
+    rows, cols = (idx // width).float(), (idx % width).float()
+    M = int(mask.sum(1).max())
+    order = torch.where(mask, idx[None], L + idx[None]).argsort(dim=1)[:, :M]  # kept first, raster order
+    valid = torch.arange(M, device=mask.device)[None] < mask.sum(1, keepdim=True)
+    d2 = (rows[None, :, None] - rows[order][:, None]) ** 2 + (cols[None, :, None] - cols[order][:, None]) ** 2
+    return d2.masked_fill(~valid[:, None], float("inf")).argmin(dim=2)
+
+
+def previous_kept(mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) index of the last kept token at or before each raster position (the first is kept)."""
+    return (mask.long().cumsum(1) - 1).clamp(min=0)

@@ -1,0 +1,66 @@
+"""De-chunkers: backbone outputs on kept tokens (packed) -> one vector per grid position (B, L, D).
+
+- ``gaussian_nearest`` (DC-DiT): confidence-weighted Gaussian smoothing over the kept tokens in 2-D,
+  then every grid position copies its nearest kept token.
+- ``ema_raster`` (H-Net): EMA over the kept tokens in raster order, each position repeats the last
+  kept token at or before it.
+Both run in float32 on the padded (B, M, ...) layout of the kept tokens; the result of a sample never
+depends on the other samples of the batch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from dyncompute.registry import Registry
+from dyncompute.tokens import Tokens
+
+from .chunking import nearest_kept, pad_packed, previous_kept
+
+DECHUNKERS = Registry("dechunkers")
+P_CLAMP = 1e-4  # official clamp of p inside the de-chunk
+
+
+class Dechunker(nn.Module):
+    """``forward(z packed (T, D), tokens, p (B, L), mask (B, L), grid) -> (B, L, D)``."""
+
+    def __init__(self, sigma: float = 1.0):
+        super().__init__()
+        self.sigma = sigma
+
+    @staticmethod
+    def kept_p(p: torch.Tensor, mask: torch.Tensor, tokens: Tokens) -> tuple[torch.Tensor, torch.Tensor]:
+        return pad_packed(p.float().clamp(P_CLAMP, 1 - P_CLAMP)[mask], tokens)
+
+
+@DECHUNKERS.register("gaussian_nearest")
+class GaussianNearest(Dechunker):
+    """out_i = p_i z_i + (1 - p_i) sum_j w_ij z_j, w_ij ∝ p_j exp(-|pos_i - pos_j|^2 / 2 sigma^2)."""
+
+    def forward(self, z, tokens: Tokens, p, mask, grid):
+        zp, valid = pad_packed(z.float(), tokens)
+        pk, _ = self.kept_p(p, mask, tokens)
+        pos, _ = pad_packed(tokens.pos.float(), tokens)
+        d2 = (pos[:, :, None] - pos[:, None]).pow(2).sum(-1)
+        w = torch.exp(-d2 / (2 * self.sigma ** 2)) * pk[:, None] * (valid[:, :, None] & valid[:, None])
+        smoothed = torch.bmm(w / (w.sum(-1, keepdim=True) + 1e-8), zp)
+        out = pk[..., None] * zp + (1 - pk[..., None]) * smoothed
+        return _gather_rows(out, nearest_kept(mask, grid[1]))
+
+
+@DECHUNKERS.register("ema_raster")
+class EmaRaster(Dechunker):
+    """h_j = p_j z_j + (1 - p_j) h_{j-1} over kept tokens in raster order (closed form, one bmm)."""
+
+    def forward(self, z, tokens: Tokens, p, mask, grid):
+        zp, valid = pad_packed(z.float(), tokens)
+        pk, _ = self.kept_p(p, mask, tokens)
+        decay = torch.log1p(-pk).masked_fill(~valid, 0.0).cumsum(1)  # A_j = sum_{k<=j} log(1 - p_k)
+        M = zp.shape[1]
+        causal = torch.ones(M, M, dtype=torch.bool, device=z.device).tril()
+        w = torch.exp((decay[:, :, None] - decay[:, None]).masked_fill(~causal, float("-inf"))) * pk[:, None]
+        return _gather_rows(torch.bmm(w, zp), previous_kept(mask))
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))

@@ -1,0 +1,122 @@
+"""Import / export of official DC-DiT checkpoints (AMD-AGI/DynamicChunkingDiT key names).
+
+The official model is an H-Net with one chunking stage: ``hnet.encoder`` (conv ResBlocks + RMSNorm),
+``hnet.routing_module``, ``hnet.main_network.main_network`` (DiT blocks + RMSNorm), ``hnet.decoder``,
+``hnet.residual_proj``; ``x_embedder.proj`` is the 3x3 stem and ``pos_embed`` the frozen sin-cos table.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from dyncompute.model import DiffusionTransformer
+
+from .tokenizer import DynamicChunking
+
+# official prefix -> dyncompute prefix (first match wins)
+PREFIXES = (
+    ("x_embedder.proj.", "tokenizer.stem."),
+    ("hnet.encoder.layers.", "tokenizer.encoder.blocks."),
+    ("hnet.encoder.rmsnorm.", "tokenizer.encoder.norm."),
+    ("hnet.routing_module.", "tokenizer.router."),
+    ("hnet.main_network.main_network.layers.", "backbone.blocks."),
+    ("hnet.main_network.main_network.rmsnorm.", "tokenizer.backbone_norm."),
+    ("hnet.decoder.layers.", "tokenizer.decoder.blocks."),
+    ("hnet.decoder.rmsnorm.", "tokenizer.decoder.norm."),
+    ("hnet.residual_proj.", "tokenizer.residual_proj."),
+    ("final_layer.", "tokenizer.final_layer."),
+    ("t_embedder.", "t_embedder."),
+    ("y_embedder.", "y_embedder."),
+)
+NOT_LOADED = ("tokenizer.step",)  # our own buffers with no official counterpart
+HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}  # S / B / L / XL
+
+
+def _rename(key: str, table) -> str | None:
+    for src, dst in table:
+        if key.startswith(src):
+            return dst + key[len(src):]
+    return None
+
+
+def _count(state_dict: dict, prefix: str) -> int:
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return 1 + max((int(m.group(1)) for k in state_dict if (m := pattern.match(k))), default=-1)
+
+
+def infer_config(state_dict: dict) -> dict:
+    """Read the config keys of ``dcdit_ref_small.pt`` off a state dict's shapes."""
+    D = state_dict["t_embedder.mlp.2.weight"].shape[0]
+    stem = state_dict["x_embedder.proj.weight"]
+    out = state_dict["final_layer.linear.weight"].shape[0]
+    if D not in HEADS:
+        raise ValueError(f"cannot infer num_heads for d_model {D}; pass a config")
+    return dict(input_size=int(round(state_dict["pos_embed"].shape[1] ** 0.5)), in_channels=stem.shape[1],
+                d_model=D, depth=_count(state_dict, "hnet.main_network.main_network.layers."),
+                num_heads=HEADS[D], num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,
+                enc_dec_dim_factor=D // stem.shape[0], learn_sigma=out == 2 * stem.shape[1],
+                mlp_ratio=state_dict["hnet.main_network.main_network.layers.0.mlp.fc1.weight"].shape[0] / D)
+
+
+def build_dcdit(config: dict, encoder_depth: int = 2, decoder_depth: int = 2, **tokenizer_kwargs) -> DiffusionTransformer:
+    """A dynamic-chunking DiffusionTransformer from an official-style config dict."""
+    c = dict(config)
+    D, factor = c["d_model"], c.get("enc_dec_dim_factor") or 1
+    factor = factor[0] if isinstance(factor, (list, tuple)) else factor
+    out_channels = c["in_channels"] * (2 if c.get("learn_sigma", True) else 1)
+    tokenizer = DynamicChunking(hidden_size=D, in_channels=c["in_channels"], out_channels=out_channels,
+                                input_size=c["input_size"], cond_dim=D, enc_dec_factor=factor,
+                                encoder_depth=encoder_depth, decoder_depth=decoder_depth,
+                                dechunk_sigma=c.get("dechunk_kernel_sigma", 1.0), **tokenizer_kwargs)
+    return DiffusionTransformer(input_size=c["input_size"], in_channels=c["in_channels"],
+                                num_classes=c["num_classes"], hidden_size=D, depth=c["depth"],
+                                num_heads=c["num_heads"], mlp_ratio=c.get("mlp_ratio", 4.0), tokenizer=tokenizer,
+                                learn_sigma=c.get("learn_sigma", True),
+                                class_dropout_prob=c.get("class_dropout_prob", 0.1))
+
+
+def load_official_dcdit(state_dict: dict, config: dict | None = None, **tokenizer_kwargs) -> DiffusionTransformer:
+    """Build a model from an AMD-AGI/DynamicChunkingDiT state dict (original key names)."""
+    from dyncompute.checkpoints import unwrap_state_dict
+
+    state_dict = unwrap_state_dict(state_dict)
+    state_dict = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state_dict.items()}
+    model = build_dcdit(config or infer_config(state_dict),
+                        encoder_depth=_count(state_dict, "hnet.encoder.layers."),
+                        decoder_depth=_count(state_dict, "hnet.decoder.layers."), **tokenizer_kwargs)
+    converted, unexpected = {}, []
+    for key, value in state_dict.items():
+        if key == "pos_embed":
+            _check_pos_embed(value, model.tokenizer.pos_embed)
+            continue
+        new = _rename(key, PREFIXES)
+        (unexpected.append(key) if new is None else converted.__setitem__(new, value))
+    missing, extra = model.load_state_dict(converted, strict=False)
+    missing = [k for k in missing if k not in NOT_LOADED]
+    if missing or extra or unexpected:
+        raise ValueError(f"state dict does not match the DC-DiT config: missing {sorted(missing)}, "
+                         f"unexpected {sorted(extra) + unexpected}")
+    return model
+
+
+def to_official_dcdit(model: DiffusionTransformer) -> dict:
+    """Export a dynamic-chunking model (no reducers) to the official key names, pos_embed included."""
+    if not isinstance(model.tokenizer, DynamicChunking):
+        raise ValueError("only dynamic_chunking models export to DC-DiT checkpoints")
+    inverse = tuple((dst, src) for src, dst in PREFIXES)
+    out = {"pos_embed": model.tokenizer.pos_embed[None].detach().clone()}
+    for key, value in model.state_dict().items():
+        if key in NOT_LOADED:
+            continue
+        new = _rename(key, inverse)
+        if new is None:
+            raise ValueError(f"{key} has no DC-DiT equivalent (router or reducer outside the official model)")
+        out[new] = value.detach().clone()
+    return out
+
+
+def _check_pos_embed(value: torch.Tensor, ours: torch.Tensor) -> None:
+    value = value.reshape(-1, value.shape[-1]).float()
+    if value.shape != ours.shape or (value - ours).abs().max() > 1e-4:
+        raise ValueError(f"checkpoint pos_embed {tuple(value.shape)} is not the frozen sin-cos table {tuple(ours.shape)}")

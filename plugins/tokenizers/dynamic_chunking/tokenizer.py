@@ -1,0 +1,128 @@
+"""The DC-DiT scaffold as a tokenizer: stem -> encoder -> router -> chunk | backbone | de-chunk ->
+STE gating + residual -> decoder -> FinalLayer."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+
+from dyncompute.layers import FinalLayer, grid_positions, sincos_2d
+from dyncompute.registry import TOKENIZERS
+from dyncompute.tokenizer import Tokenizer
+from dyncompute.tokens import Tokens
+
+from .chunking import STE, boundary_rules, check_tail_drop, chunk, drop_tail
+from .dechunk import DECHUNKERS
+from .encoder import ConvStack
+from .losses import check_target_ratio, ratio_loss
+from .routers import ROUTERS
+
+
+@dataclass
+class ChunkState:
+    """What encode() hands to decode(), and what ``ForwardInfo`` exposes (``info.p``, ``info.mask``)."""
+
+    p: torch.Tensor  # (B, L) boundary probability (first/last forced to 1)
+    mask: torch.Tensor  # (B, L) bool, kept tokens after tail dropping
+    mask_natural: torch.Tensor  # (B, L) bool, boundaries before tail dropping
+    confidence: torch.Tensor  # (B, L) max(p, 1 - p)
+    residual: torch.Tensor  # (B, L, D) residual projection of the encoder output
+    grid: tuple[int, int]
+    tail_drop: float | torch.Tensor = 0.0
+
+    @property
+    def kept_fraction(self) -> torch.Tensor:
+        """(B,) fraction of grid tokens the backbone saw."""
+        return self.mask.float().mean(1)
+
+
+@TOKENIZERS.register("dynamic_chunking")
+class DynamicChunking(Tokenizer):
+    """DC-DiT's learned, data-dependent tokenizer (P = 1 conv stem, width D / ``enc_dec_factor``)."""
+
+    budget_keys = ("tail_drop",)
+
+    def __init__(self, hidden_size: int, in_channels: int, out_channels: int, input_size: int,
+                 cond_dim: int | None = None, router: str = "predictability",
+                 dechunk: str = "gaussian_nearest", target_ratio: float = 4.0,
+                 ratio_loss_weight: float = 0.03, ratio_group_size: int | None = None,
+                 enc_dec_factor: int = 4, encoder_depth: int = 2, decoder_depth: int = 2,
+                 dechunk_sigma: float = 1.0, tail_drop: float = 0.0,
+                 budget_set: Sequence[float] = (), budget_warmup_steps: int = 0):
+        super().__init__()
+        check_target_ratio(target_ratio)
+        for rho in (tail_drop, *budget_set):
+            check_tail_drop(rho)
+        if hidden_size % enc_dec_factor:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by enc_dec_factor {enc_dec_factor}")
+        D, d, cond_dim = hidden_size, hidden_size // enc_dec_factor, cond_dim or hidden_size
+        self.hidden_size, self.width, self.out_channels, self.input_size = D, d, out_channels, input_size
+        self.target_ratio, self.ratio_loss_weight, self.ratio_group_size = target_ratio, ratio_loss_weight, ratio_group_size
+        self.tail_drop, self.budget_set, self.budget_warmup_steps = tail_drop, tuple(budget_set), budget_warmup_steps
+
+        self.stem = nn.Conv2d(in_channels, d, 3, padding=1)
+        self.encoder = ConvStack(d, D, encoder_depth, cond_dim, widen="last")
+        self.router = ROUTERS.get(router)(D, target_ratio=target_ratio)
+        self.dechunker = DECHUNKERS.get(dechunk)(sigma=dechunk_sigma)
+        self.backbone_norm = nn.RMSNorm(D, eps=1e-5)  # DC-DiT's main network ends with an RMSNorm
+        self.residual_proj = nn.Linear(D, D)
+        self.decoder = ConvStack(D, d, decoder_depth, cond_dim, widen="first")
+        self.final_layer = FinalLayer(d, 1, out_channels, cond_dim=cond_dim)
+        self.register_buffer("pos_embed", sincos_2d(D, grid_positions(input_size)), persistent=False)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # multi-budget schedule
+
+    def initialize_weights(self) -> None:
+        w = self.stem.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # like nn.Linear, as DiT does for its stem
+        nn.init.zeros_(self.stem.bias)
+        nn.init.zeros_(self.residual_proj.weight)
+        nn.init.zeros_(self.residual_proj.bias)
+        nn.init.ones_(self.backbone_norm.weight)
+        self.router.initialize_weights()
+        self.final_layer.zero_init()
+
+    # ---- budgets -------------------------------------------------------------------------------
+    def budget_tail_drop(self, tail_drop=None):
+        """The tail-drop fraction of this call: given > multi-budget draw (training) > default."""
+        if tail_drop is None:
+            tail_drop = self.tail_drop
+            if self.training and self.budget_set:
+                step = int(self.step)
+                self.step += 1
+                if step >= self.budget_warmup_steps:
+                    g = torch.Generator().manual_seed(step)  # same draw on every rank
+                    tail_drop = self.budget_set[int(torch.randint(len(self.budget_set), (1,), generator=g))]
+        check_tail_drop(tail_drop)
+        return tail_drop
+
+    # ---- tokenizer interface -------------------------------------------------------------------
+    def encode(self, x: torch.Tensor, c: torch.Tensor, tail_drop=None, **budget) -> tuple[Tokens, ChunkState]:
+        self.check_budget(budget)
+        rho = self.budget_tail_drop(tail_drop)
+        grid = tuple(x.shape[-2:])
+        h = self.encoder(self.stem(x), c)  # (B, L, D), RMS-normalised
+        p, mask_natural, confidence = boundary_rules(self.router(h, grid))
+        mask = drop_tail(p, mask_natural, rho)
+        residual = self.residual_proj(h.float())
+        tokens = chunk(h, mask, self.pos_embed, grid[1])
+        return tokens, ChunkState(p, mask, mask_natural, confidence, residual, grid, rho)
+
+    def decode(self, tokens: Tokens, state: ChunkState, c: torch.Tensor) -> torch.Tensor:
+        z = self.backbone_norm(tokens.x)
+        h = self.dechunker(z, tokens, state.p, state.mask, state.grid)
+        h = h * STE.apply(state.confidence)[..., None] + state.residual
+        r, w = state.grid
+        h = self.decoder(rearrange(h.to(z.dtype), "b (r w) d -> b d r w", r=r, w=w), c)
+        out = self.final_layer(h, c)
+        return rearrange(out, "b (r w) c -> b c r w", r=r, w=w)
+
+    def aux_losses(self, state: ChunkState) -> dict[str, torch.Tensor]:
+        loss = ratio_loss(state.p, state.mask_natural, self.target_ratio, self.ratio_group_size)
+        return {"ratio": self.ratio_loss_weight * loss}
+
+    def token_map(self, state: ChunkState) -> torch.Tensor:
+        """(B, H, W) bool: which grid positions the backbone saw."""
+        return state.mask.view(-1, *state.grid)
