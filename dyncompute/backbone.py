@@ -6,7 +6,6 @@ import torch.nn as nn
 from timm.layers import Mlp
 
 from .attention import PackedAttention
-from .layers import modulate
 from .tokens import Tokens
 
 
@@ -23,10 +22,9 @@ class DiTBlock(nn.Module):
 
     def forward(self, h: torch.Tensor, c: torch.Tensor, tokens: Tokens) -> torch.Tensor:
         """h: ``tokens.batched()`` layout; c: (B, D) conditioning."""
-        mod = tokens.align(self.adaLN_modulation(c)).chunk(6, dim=-1)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        h = torch.addcmul(h, gate_msa, self.attn(modulate(self.norm1(h), shift_msa, scale_msa), tokens))
-        h = torch.addcmul(h, gate_mlp, self.mlp(modulate(self.norm2(h), shift_mlp, scale_mlp)))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        h = tokens.gated_add(h, gate_msa, self.attn(tokens.modulate(self.norm1(h), shift_msa, scale_msa), tokens))
+        h = tokens.gated_add(h, gate_mlp, self.mlp(tokens.modulate(self.norm2(h), shift_mlp, scale_mlp)))
         return h
 
     def zero_init(self) -> None:

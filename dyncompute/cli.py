@@ -13,16 +13,18 @@ from pathlib import Path
 COMMAND_MODULES = [
     "dyncompute.quickstart",
     "dyncompute.bench",
+    "dyncompute.flops",
+    "dyncompute.matching",
+    "dyncompute.views",
 ]
 
 
 def cmd_train(args) -> None:
-    from .config import scoped
-    from .engine import train
+    from .engine import launch
 
-    with scoped([args.config], args.bind):
-        result = train(args.run_dir or default_run_dir(args.config))
-    print(f"trained {result['steps']} steps -> {result['run_dir']}")
+    run_dir = args.run_dir or default_run_dir(args.config)
+    steps = launch(args.config, args.bind, run_dir, backend=args.backend, nproc_per_node=args.nproc_per_node)
+    print(f"trained {steps} steps -> {run_dir}")
 
 
 def cmd_sample(args) -> None:
@@ -58,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="gin file")
     p.add_argument("--run-dir", help="output directory (default runs/<config name>)")
     p.add_argument("--bind", "-b", action="append", default=[], help="extra gin binding, repeatable")
+    p.add_argument("--backend", choices=["nccl", "gloo"], help="ignite.distributed backend (default: one process)")
+    p.add_argument("--nproc-per-node", type=int, help="processes to spawn on this node (with --backend)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="sample a trained run: PNG grid + ADM-style .npz")

@@ -2,12 +2,27 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import Iterable
 
 import gin
 
 from .registry import load_plugins
+
+# gin `include` paths resolve against the gin file's folder and the project root
+# (so `include 'experiments/quickstart/dit.gin'` works from any working directory)
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class _QuietSearchMisses(logging.Filter):
+    """gin logs an error for every search-path prefix that misses an include; only the last miss matters."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.module == "resource_reader" and record.getMessage().startswith("Path not found"))
+
+
+logging.getLogger().addFilter(_QuietSearchMisses())
 
 
 class ConfigError(ValueError):
@@ -23,10 +38,12 @@ def _import_configurables() -> None:
 def parse(files: Iterable[str | Path] = (), bindings: Iterable[str] = ()) -> None:
     """Parse gin files then bindings (later bindings win); errors name the file or binding."""
     _import_configurables()
+    gin.add_config_file_search_path(str(PROJECT_ROOT))
     for f in files:
         path = Path(f)
         if not path.is_file():
             raise ConfigError(f"gin file not found: {path}")
+        gin.add_config_file_search_path(str(path.resolve().parent))
         try:
             gin.parse_config_file(str(path))
         except Exception as e:  # gin raises SyntaxError/ValueError/KeyError variants

@@ -4,6 +4,7 @@ Each entry of ``MODELS`` is (name, gin file); every run directory resumes if int
 """
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -14,10 +15,12 @@ from .engine import train
 from .model import count_parameters
 from .report import loss_curves, markdown_table, save_figure, save_table, write_page
 from .sampling import generate, save_samples
+from .views import write_views
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments" / "quickstart"
 MODELS = [
     ("DiT/2", "dit.gin"),
+    ("DC-DiT N=4", "dcdit.gin"),
 ]
 
 
@@ -25,9 +28,9 @@ def quickstart(out: str | Path = "reports/quickstart", runs: str | Path = "runs/
                steps: int | None = None, num_samples: int = 32, sample_steps: int = 100,
                progress: bool = True) -> pd.DataFrame:
     out, runs = Path(out), Path(runs)
-    rows, curves, figures = [], {}, []
+    rows, curves, figures, views = [], {}, [], {}
     for name, gin_file in MODELS:
-        slug = name.lower().replace("/", "").replace("-", "")
+        slug = re.sub(r"[^a-z0-9]+", "", name.lower())
         bindings = [f"train.steps = {steps}"] if steps else []
         bindings.append(f"train.progress = {progress}")
         t0 = time.perf_counter()
@@ -41,13 +44,15 @@ def quickstart(out: str | Path = "reports/quickstart", runs: str | Path = "runs/
         sample_s = time.perf_counter() - t0
         files = save_samples(samples.images, out, name=f"samples_{slug}")
         figures.append((name, Path(files["png"]).name))
+        if hasattr(model.tokenizer, "token_map"):  # data-dependent tokens: show where they go
+            views[name] = write_views(model, out / f"views_{slug}", num_samples=8, steps=25)
         metrics = result["metrics"]
         curves[name] = metrics
         rows.append(_summary(name, model, metrics, train_s, sample_s, samples, num_samples))
     df = pd.DataFrame(rows)
     save_table(df, out / "summary.csv")
     save_figure(loss_curves(curves), out / "loss.png")
-    _write_page(out, df, figures, sample_steps)
+    _write_page(out, df, figures, views, sample_steps)
     return df
 
 
@@ -55,6 +60,8 @@ def _summary(name, model, metrics: pd.DataFrame, train_s, sample_s, samples, n) 
     k = max(1, len(metrics) // 10)
     first, last = metrics["loss"].iloc[:k].mean(), metrics["loss"].iloc[-k:].mean()
     grid_tokens = model.input_size ** 2
+    from .flops import report_columns
+
     return {
         "model": name,
         "params": count_parameters(model),
@@ -67,10 +74,11 @@ def _summary(name, model, metrics: pd.DataFrame, train_s, sample_s, samples, n) 
         "train_wall_s": train_s,
         "sample_NFE_per_batch": samples.nfe,
         "sample_wall_s_per_image": sample_s / n,
+        **report_columns(model, sampler="ddpm", num_steps=samples.nfe),  # MACs/FLOPs, NFE (dyncompute.flops)
     }
 
 
-def _write_page(out: Path, df: pd.DataFrame, figures, sample_steps: int) -> None:
+def _write_page(out: Path, df: pd.DataFrame, figures, views: dict, sample_steps: int) -> None:
     sections = [
         ("Summary", markdown_table(df) + "\n\nLoss is the per-sample diffusion loss (MSE + VLB) of the "
          "training batches; first/last 10% are means over the first/last tenth of the logged steps. "
@@ -79,6 +87,13 @@ def _write_page(out: Path, df: pd.DataFrame, figures, sample_steps: int) -> None
         ("Samples", f"EMA weights, DDPM {sample_steps} steps, no guidance, labels cycle through the classes "
          "(one class per column).\n\n" + "\n\n".join(f"**{n}**\n\n![{n}]({f})" for n, f in figures)),
     ]
+    for name, v in views.items():
+        rel = lambda p: Path(p).relative_to(out).as_posix()
+        sections.append((f"Where {name} spends its tokens", (
+            f"Boundary maps over a DDIM-25 sampling trajectory (rows: samples, columns: timesteps, noisy to "
+            f"clean; white = a token the backbone processes) and the fraction of the grid kept per step. "
+            f"Mean kept fraction over the trajectory: {v['mean_kept']:.3f} (target 1/N = 0.25).\n\n"
+            f"![boundary maps]({rel(v['boundary_maps'])})\n\n![kept vs timestep]({rel(v['kept_vs_timestep'])})")))
     write_page(out / "report.md", "dyncompute quickstart", sections)
 
 

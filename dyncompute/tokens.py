@@ -55,9 +55,21 @@ class Tokens:
         x = self.x if x is None else x
         return x.view(self.num_samples, -1, x.shape[-1]) if self.uniform else x
 
-    def align(self, v: torch.Tensor) -> torch.Tensor:
-        """Broadcast a per-sample vector (B, K) against ``batched()`` tokens."""
-        return v.unsqueeze(1) if self.uniform else v[self.batch]
+    def modulate(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """adaLN's x * (1 + scale) + shift with per-sample (B, D) shift/scale on ``batched()`` tokens.
+
+        Packed tokens apply each sample's vectors to its own segment: gathering the vectors per token
+        instead measured ~10x slower on CPU (T=2048, D=384).
+        """
+        if self.uniform:
+            return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+        return torch.cat([torch.addcmul(sh, xs, 1 + sc) for xs, sh, sc in zip(self.unpack(x), shift, scale)])
+
+    def gated_add(self, h: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """adaLN-Zero's gated residual h + gate * y with a per-sample (B, D) gate."""
+        if self.uniform:
+            return torch.addcmul(h, gate.unsqueeze(1), y)
+        return torch.cat([torch.addcmul(hs, g, ys) for hs, g, ys in zip(self.unpack(h), gate, self.unpack(y))])
 
     def unpack(self, x: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Per-sample views of ``x`` (T, ...)."""

@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 
 from .io import atomic_write
+from .report import save_figure
 
 
 @dataclass
@@ -72,33 +73,38 @@ def record_trajectory(model, num_samples: int = 8, sampler: str = "ddim", num_st
 
 def plot_boundary_maps(traj: Trajectory, path, max_columns: int = 8, max_rows: int = 8):
     """Rows: samples; columns: timesteps (evenly chosen along the trajectory)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # Agg backend: set by .report
 
     K, B = traj.maps.shape[:2]
     cols = torch.linspace(0, K - 1, min(K, max_columns)).round().long().unique().tolist()
     rows = min(B, max_rows)
-    fig, axes = plt.subplots(rows, len(cols), figsize=(1.3 * len(cols), 1.3 * rows), squeeze=False)
+    extra = int(traj.images is not None)  # last column: the final sample, for reference
+    fig, axes = plt.subplots(rows, len(cols) + extra, figsize=(1.3 * (len(cols) + extra), 1.4 * rows),
+                             squeeze=False)
+    frac = traj.kept_fraction
     for r in range(rows):
         for j, k in enumerate(cols):
             ax = axes[r][j]
             ax.imshow(traj.maps[k, r].numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
-            ax.set_xticks([]), ax.set_yticks([])
+            ax.set_xlabel(f"{frac[k, r]:.2f}", fontsize=6, labelpad=1)
             if r == 0:
                 ax.set_title(f"t={traj.timesteps[k]:.0f}", fontsize=7)
             if j == 0:
                 ax.set_ylabel(f"#{r}", fontsize=7)
-    fig.suptitle("kept tokens (black) along the sampling trajectory", fontsize=8)
-    return _save(fig, path)
+        if extra:
+            img = traj.images[r, :3] if traj.images.shape[1] >= 3 else traj.images[r, :1].expand(3, -1, -1)
+            axes[r][-1].imshow(((img.permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy(), interpolation="nearest")
+            if r == 0:
+                axes[r][-1].set_title("sample", fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle("tokens the backbone processes (black; fraction kept below each map), noisy -> clean",
+                 fontsize=8)
+    return save_figure(fig, path)
 
 
 def plot_kept_vs_timestep(traj: Trajectory, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # Agg backend: set by .report
 
     frac = traj.kept_fraction
     mean, std = frac.mean(1).numpy(), frac.std(1, unbiased=False).numpy()
@@ -108,11 +114,12 @@ def plot_kept_vs_timestep(traj: Trajectory, path):
     ax.fill_between(t, lo, hi, alpha=0.15, label="min–max")
     ax.fill_between(t, mean - std, mean + std, alpha=0.3, label="±1 std")
     ax.plot(t, mean, label="mean")
-    ax.set_xlabel("timestep (noisier →)"), ax.set_ylabel("fraction of tokens kept")
+    ax.set_xlabel("timestep (sampling runs left to right, noisy -> clean)")
+    ax.set_ylabel("fraction of grid positions kept")
     ax.invert_xaxis() if len(t) > 1 and t[0] > t[-1] else None
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def kept_table(traj: Trajectory) -> pd.DataFrame:
@@ -131,15 +138,6 @@ def write_views(model, out_dir, num_samples: int = 8, steps: int = 25, sampler: 
     return {"boundary_maps": str(plot_boundary_maps(traj, out / "boundary_maps.png")),
             "kept_vs_timestep": str(plot_kept_vs_timestep(traj, out / "kept_vs_timestep.png")),
             "table": str(out / "kept_vs_timestep.csv"), "mean_kept": float(table["kept_mean"].mean())}
-
-
-def _save(fig, path) -> Path:
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png"))
-    plt.close(fig)
-    return path
 
 
 def register_cli(sub) -> None:

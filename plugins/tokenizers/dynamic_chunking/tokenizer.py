@@ -44,6 +44,11 @@ class DynamicChunking(Tokenizer):
     """DC-DiT's learned, data-dependent tokenizer (P = 1 conv stem, width D / ``enc_dec_factor``)."""
 
     budget_keys = ("tail_drop",)
+    # FLOP accounting (dyncompute.flops): submodule -> the paper's component names
+    flop_components = {"stem": "embeddings", "encoder": "encoder", "router": "router",
+                       "dechunker": "de-chunk", "backbone_norm": "de-chunk", "residual_proj": "de-chunk",
+                       "decoder": "decoder", "final_layer": "final layer"}
+    flop_ignored_ops = ("prim::PythonOp.STE",)  # straight-through estimator: an identity, 0 MACs
 
     def __init__(self, hidden_size: int, in_channels: int, out_channels: int, input_size: int,
                  cond_dim: int | None = None, router: str = "predictability",

@@ -1,0 +1,865 @@
+"""Compute accounting: exact, labelled MACs and FLOPs per forward, per component and per image.
+
+Units (always in the names): **MACs** are multiply-accumulates, fvcore's and DiT's unit (DiT's
+Table 4 "Gflops" are GMACs); **FLOPs = 2 x MACs**, the DC-DiT paper's unit. Per-image figures over a
+sampling trajectory sum every model evaluation the image took part in, both CFG branches included.
+
+How the count is made
+- `fvcore.nn.FlopCountAnalysis` traces one forward. We add handles for what it misses: fused
+  ``scaled_dot_product_attention`` (Q Kᵀ and A V: B·H·L_q·L_k·(d + d_v) MACs), RMSNorm (fvcore's norm
+  convention), ``baddbmm``, cosine similarity and vector norms. Elementwise work (activations,
+  residual adds, adaLN modulation, softmax), reductions, indexing and RNG are zero by the same
+  convention as DiT's numbers: they are on the explicit list :data:`IGNORED_OPS`. Any other operator
+  without a handle is *reported* (``unsupported_ops``), never silently zero. A plugin may list its
+  own zero-MAC custom ops (e.g. a straight-through ``prim::PythonOp``) in ``flop_ignored_ops``.
+- Packed variable-length attention is counted on the real lengths: while counting, the per-sample
+  SDPA path of :mod:`dyncompute.attention` is used (flash-attn's varlen kernel is switched off; it
+  does the same H · Σ_b L_b² · d work per Q Kᵀ and per A V), so each sample's attention is traced at
+  its own length.
+- *Executed* MACs are what ran for the batch, padding included. *Useful* MACs count valid tokens
+  only: each sample counted alone, where nothing is padded. Padding only arises between samples of
+  unequal length, so equal-length batches (static patchify) have useful == executed.
+- Per component: fvcore's per-module counts are mapped to components by module name. The model
+  maps its own parts (embedders, backbone); a tokenizer (or reducer) may declare
+  ``flop_components = {submodule prefix: component}`` (``""`` is the module itself); without one,
+  submodules named like the paper's parts (``encoder``, ``router``, ``dechunker``, ``decoder``,
+  ``final_layer``, ``x_embedder``/``stem``) take those components and others keep their own name.
+- Over a trajectory, `TrajectoryRecorder` records every evaluation's real per-sample backbone lengths
+  (and CFG branch, budgets, skipped backbones) without touching the sampler. A sample's cost is a
+  function of its backbone length L: the backbone part is counted exactly at any L on synthetic
+  tokens, the rest is counted exactly on recorded inputs at a few lengths and interpolated (a
+  quadratic in L, verified on a held-out length; if the check fails every length is counted).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+import sys
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from fractions import Fraction
+from math import prod
+from typing import Any, Iterable
+
+import pandas as pd
+import torch
+import torch.nn as nn
+
+with warnings.catch_warnings():  # fvcore's import touches the deprecated torch.jit.script
+    warnings.simplefilter("ignore", FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import get_shape, norm_flop_counter
+
+from . import attention
+from .tokens import Tokens
+
+# --------------------------------------------------------------------------- operator handles
+
+
+def sdpa_macs(inputs, outputs) -> int:
+    """``scaled_dot_product_attention(q, k, v, ...)``: Q Kᵀ plus A V, B·H·L_q·L_k·(d + d_v) MACs."""
+    q, k, v = (get_shape(x) for x in inputs[:3])
+    return prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
+
+
+def baddbmm_macs(inputs, outputs) -> int:
+    """``baddbmm(input, b1, b2)``: the batched product b·n·m·p (the add is elementwise)."""
+    b1, b2 = get_shape(inputs[1]), get_shape(inputs[2])
+    return prod(b1) * b2[-1]
+
+
+def cosine_similarity_macs(inputs, outputs) -> int:
+    """x·y, |x|² and |y|² over the broadcast inputs: 3 MACs per element."""
+    return 3 * max(prod(get_shape(inputs[0])), prod(get_shape(inputs[1])))
+
+
+def vector_norm_macs(inputs, outputs) -> int:
+    return prod(get_shape(inputs[0]))
+
+
+OP_HANDLES = {
+    "aten::scaled_dot_product_attention": sdpa_macs,
+    "aten::rms_norm": norm_flop_counter(2),  # fvcore's norm convention (like layer_norm)
+    "aten::baddbmm": baddbmm_macs,
+    "aten::cosine_similarity": cosine_similarity_macs,
+    "aten::linalg_vector_norm": vector_norm_macs,
+    "aten::norm": vector_norm_macs,
+}
+
+# Zero MACs by convention (fvcore/DiT count multiply-accumulate operators and norms only). fvcore's
+# own list (shape, copy and integer ops) is kept as well.
+IGNORED_OPS = frozenset({
+    # elementwise arithmetic and adaLN modulation
+    "aten::add", "aten::add_", "aten::sub", "aten::sub_", "aten::rsub", "aten::mul", "aten::mul_",
+    "aten::div", "aten::div_", "aten::neg", "aten::abs", "aten::reciprocal", "aten::addcmul",
+    "aten::addcmul_", "aten::addcdiv", "aten::lerp", "aten::square", "aten::pow", "aten::sqrt",
+    "aten::rsqrt", "aten::exp", "aten::log", "aten::log1p", "aten::sin", "aten::cos", "aten::sign",
+    "aten::round", "aten::trunc", "aten::clamp_min", "aten::clamp_max", "aten::maximum", "aten::minimum",
+    # activations and softmax
+    "aten::silu", "aten::silu_", "aten::gelu", "aten::gelu_", "aten::sigmoid", "aten::tanh",
+    "aten::softmax", "aten::log_softmax", "aten::softplus", "aten::leaky_relu", "aten::hardtanh",
+    # comparisons, logic, selection
+    "aten::lt", "aten::le", "aten::ne", "aten::where", "aten::logical_and", "aten::logical_or",
+    "aten::logical_not", "aten::__or__", "aten::__xor__", "aten::isnan", "aten::masked_fill_",
+    "aten::masked_select", "aten::masked_scatter", "aten::bitwise_and", "aten::bitwise_or",
+    # reductions, scans, sorting
+    "aten::sum", "aten::mean", "aten::amax", "aten::amin", "aten::min", "aten::argmax", "aten::argmin",
+    "aten::cumsum", "aten::cumprod", "aten::sort", "aten::argsort", "aten::topk", "aten::any", "aten::all",
+    # indexing and data movement
+    "aten::embedding", "aten::index_select", "aten::index_add", "aten::index_add_", "aten::scatter",
+    "aten::scatter_", "aten::scatter_add", "aten::scatter_add_", "aten::take_along_dim", "aten::repeat",
+    "aten::repeat_interleave", "aten::expand_as", "aten::view_as", "aten::flip", "aten::unfold",
+    "aten::pad", "aten::clone", "aten::alias", "aten::lift_fresh", "aten::numpy_T", "aten::movedim",
+    "aten::unflatten", "aten::tensor_split", "aten::tile", "aten::broadcast_tensors", "aten::_unsafe_view",
+    "aten::resolve_conj", "aten::resolve_neg", "aten::detach_", "aten::item", "aten::_local_scalar_dense",
+    # creation and random draws
+    "aten::ones_like", "aten::empty_like", "aten::new_ones", "aten::fill_", "aten::zero_", "aten::tensor",
+    "aten::scalar_tensor", "aten::linspace", "aten::meshgrid", "aten::rand", "aten::randn", "aten::randint",
+    "aten::rand_like", "aten::randn_like", "aten::bernoulli", "aten::bernoulli_", "aten::normal",
+    "aten::uniform_", "aten::dropout_",
+})
+
+# --------------------------------------------------------------------------- components
+
+COMPONENTS = ("embeddings", "encoder", "router", "chunk", "backbone", "de-chunk", "decoder", "final layer")
+MODEL_COMPONENTS = {"t_embedder": "embeddings", "y_embedder": "embeddings", "backbone": "backbone",
+                    "": "other"}
+# Submodule names in the paper's words, used when a tokenizer declares no ``flop_components``.
+NAMED_PARTS = {"x_embedder": "embeddings", "stem": "embeddings", "embedder": "embeddings",
+               "encoder": "encoder", "router": "router", "chunker": "chunk", "chunk": "chunk",
+               "dechunker": "de-chunk", "dechunk": "de-chunk", "decoder": "decoder",
+               "final_layer": "final layer"}
+
+
+def component_map(model: nn.Module) -> dict[str, str]:
+    """{module-name prefix: component} for a `DiffusionTransformer` (longest prefix wins)."""
+    cmap = dict(MODEL_COMPONENTS)
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None:
+        declared = getattr(tokenizer, "flop_components", None)
+        cmap["tokenizer"] = "tokenizer"
+        if declared is None:
+            declared = {name: NAMED_PARTS.get(name, f"tokenizer.{name}") for name, _ in tokenizer.named_children()}
+        cmap.update({_join("tokenizer", k): v for k, v in declared.items()})
+    for i, reducer in enumerate(getattr(model, "reducers", ())):
+        label = f"reducer:{type(reducer).__name__}"
+        cmap[f"reducers.{i}"] = label
+        for k, v in (getattr(reducer, "flop_components", None) or {}).items():
+            cmap[_join(f"reducers.{i}", k)] = v
+    return cmap
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def _component_of(name: str, cmap: dict[str, str]) -> str:
+    while name not in cmap:
+        name = name.rpartition(".")[0]
+    return cmap[name]
+
+
+def components_from_modules(model: nn.Module, module_counts: dict[str, int]) -> dict[str, int]:
+    """Sum each module's *own* count (its total minus its children's) into its component."""
+    cmap = component_map(model)
+    out = {c: 0 for c in COMPONENTS}
+    for name, module in model.named_modules():
+        own = module_counts.get(name, 0) - sum(module_counts.get(_join(name, c), 0) for c, _ in module.named_children())
+        if own:
+            comp = _component_of(name, cmap)
+            out[comp] = out.get(comp, 0) + own
+    return out
+
+
+def params_by_component(model: nn.Module) -> dict[str, int]:
+    cmap = component_map(model)
+    out = {c: 0 for c in COMPONENTS}
+    for name, p in model.named_parameters():
+        comp = _component_of(name.rpartition(".")[0], cmap)
+        out[comp] = out.get(comp, 0) + p.numel()
+    return out
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- one traced forward
+
+
+@dataclass
+class Trace:
+    """One exactly counted forward: MACs of the whole call, by component, the backbone lengths seen."""
+
+    macs: int
+    components: dict[str, int]
+    lengths: list[int]
+    unsupported: Counter
+
+
+class _Call(nn.Module):
+    """fvcore traces positional tensors only: this binds the budget keywords and records lengths."""
+
+    def __init__(self, model: nn.Module, budget: dict):
+        super().__init__()
+        self.model, self.budget, self.lengths = model, budget, []
+
+    def forward(self, x, t, y):
+        out, info = self.model(x, t, y, return_info=True, **self.budget)
+        self.lengths = list(info.tokens_per_sample)
+        return out
+
+
+class _CallBackbone(nn.Module):
+    def __init__(self, backbone: nn.Module, tokens: Tokens):
+        super().__init__()
+        self.backbone, self.tokens = backbone, tokens
+
+    def forward(self, x, c):
+        return self.backbone(self.tokens.with_x(x), c).x
+
+
+@contextlib.contextmanager
+def counting(model: nn.Module):
+    """Eval mode, no grad, and the per-sample attention path (counted on real lengths)."""
+    was_training, flash = model.training, attention.flash_attn_varlen_func
+    attention.flash_attn_varlen_func = None
+    model.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        attention.flash_attn_varlen_func = flash
+        model.train(was_training)
+
+
+def _analysis(module: nn.Module, inputs: tuple, owner: nn.Module) -> FlopCountAnalysis:
+    fa = FlopCountAnalysis(module, inputs).set_op_handle(**OP_HANDLES)
+    ignored = set(IGNORED_OPS) | {op for m in owner.modules() for op in getattr(m, "flop_ignored_ops", ())}
+    fa.set_op_handle(**{op: None for op in ignored})
+    return fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+
+
+def trace_forward(model: nn.Module, x, t, y, budget: dict | None = None) -> Trace:
+    """Exact MACs of ``model(x, t, y, **budget)`` as it runs (padding included)."""
+    call = _Call(model, dict(budget or {}))
+    dev = _device(model)
+    with counting(model):
+        fa = _analysis(call, (x.to(dev), t.to(dev), y.to(dev)), model)
+        counts = fa.by_module()
+    module_counts = {k[len("model."):] if k.startswith("model.") else "": v
+                     for k, v in counts.items() if k == "model" or k.startswith("model.")}
+    return Trace(int(counts[""]), components_from_modules(model, module_counts), call.lengths,
+                 Counter(fa.unsupported_ops()))
+
+
+def backbone_macs(model: nn.Module, length: int) -> int:
+    """Exact MACs of ``model.backbone`` on one sample of ``length`` synthetic tokens."""
+    width = model.backbone.blocks[0].norm1.normalized_shape[0]
+    cond = model.t_embedder.mlp[-1].out_features
+    tokens = Tokens.from_lengths(torch.zeros(length, width), [length], torch.zeros(length, 2, dtype=torch.long))
+    dev = _device(model)
+    tokens = Tokens(tokens.x.to(dev), tokens.cu_seqlens.to(dev), tokens.pos.to(dev), tokens.batch.to(dev),
+                    tokens.lengths)
+    with counting(model):
+        fa = _analysis(_CallBackbone(model.backbone, tokens), (tokens.x, torch.zeros(1, cond, device=dev)), model)
+        return int(fa.total())
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- per-sample inputs
+
+
+@dataclass
+class Row:
+    """One sample's model input: x (C, H, W), scalar t and y, and its own budget values."""
+
+    x: torch.Tensor
+    t: torch.Tensor
+    y: torch.Tensor
+    budget: dict[str, float] = field(default_factory=dict)
+
+
+def split_rows(x, t, y, budget: dict | None = None) -> list[Row]:
+    budget = budget or {}
+    rows = []
+    for b in range(len(x)):
+        own = {k: _row_value(v, b, len(x)) for k, v in budget.items()}
+        rows.append(Row(x[b].detach().cpu(), t.reshape(-1)[b].detach().cpu(), y.reshape(-1)[b].detach().cpu(), own))
+    return rows
+
+
+def _row_value(v, b: int, n: int) -> float:
+    if torch.is_tensor(v):
+        return float(v.reshape(-1)[b]) if v.numel() == n else float(v.reshape(-1)[0])
+    return float(v)
+
+
+def stack_rows(rows: list[Row]):
+    """(x, t, y, budget) of a batch of rows; a budget value shared by every row stays a float."""
+    budget = {}
+    for k in rows[0].budget:
+        values = [r.budget[k] for r in rows]
+        budget[k] = values[0] if len(set(values)) == 1 else torch.tensor(values, dtype=torch.float32)
+    return torch.stack([r.x for r in rows]), torch.stack([r.t for r in rows]), torch.stack([r.y for r in rows]), budget
+
+
+# --------------------------------------------------------------------------- per forward
+
+
+@dataclass
+class ForwardCount:
+    """MACs of one forward over a batch (totals); ``to_dict()`` gives them per image."""
+
+    useful_macs: int  # valid tokens only: each sample counted alone
+    executed_macs: int  # what ran for the batch, padding included
+    params: int
+    batch_size: int
+    tokens_per_sample: list[int]
+    per_sample_useful_macs: list[int]
+    by_component: dict[str, int]  # useful
+    by_component_executed: dict[str, int]
+    params_by_component: dict[str, int]
+    unsupported_ops: dict[str, int]
+    wall_ms: float | None = None  # median wall-clock of the batch forward, same run
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.useful_macs
+
+    @property
+    def executed_flops(self) -> int:
+        return 2 * self.executed_macs
+
+    def to_dict(self, per_image: bool = True) -> dict:
+        """JSON-ready; ``per_image`` divides batch totals by the batch size (per image per forward)."""
+        n = self.batch_size if per_image else 1
+        d = {
+            "units": {"macs": "multiply-accumulates" + (" per image per forward" if per_image else " per batch forward"),
+                      "flops": "2 x MACs"},
+            "useful_macs": self.useful_macs / n, "executed_macs": self.executed_macs / n,
+            "flops": self.flops / n, "executed_flops": self.executed_flops / n, "params": self.params,
+            "by_component": {k: v / n for k, v in self.by_component.items()},
+            "by_component_executed": {k: v / n for k, v in self.by_component_executed.items()},
+            "params_by_component": self.params_by_component, "batch_size": self.batch_size,
+            "tokens_per_sample": self.tokens_per_sample, "per_sample_useful_macs": self.per_sample_useful_macs,
+            "unsupported_ops": self.unsupported_ops,
+        }
+        if self.wall_ms is not None:
+            d["wall_ms_per_forward"] = self.wall_ms / n
+        return d
+
+    def table(self) -> pd.DataFrame:
+        """Per-image component table (GMACs, GFLOPs, share, parameters)."""
+        n = self.batch_size
+        comps = list(dict.fromkeys([*self.by_component, *self.by_component_executed, *self.params_by_component]))
+        df = pd.DataFrame({
+            "component": comps,
+            "useful_GMACs": [self.by_component.get(c, 0) / n / 1e9 for c in comps],
+            "executed_GMACs": [self.by_component_executed.get(c, 0) / n / 1e9 for c in comps],
+            "useful_GFLOPs": [2 * self.by_component.get(c, 0) / n / 1e9 for c in comps],
+            "params_M": [self.params_by_component.get(c, 0) / 1e6 for c in comps],
+        })
+        total = {"component": "total", "useful_GMACs": self.useful_macs / n / 1e9,
+                 "executed_GMACs": self.executed_macs / n / 1e9, "useful_GFLOPs": self.flops / n / 1e9,
+                 "params_M": self.params / 1e6}
+        df = pd.concat([df, pd.DataFrame([total])], ignore_index=True)
+        df["share_%"] = 100 * df["useful_GMACs"] / max(total["useful_GMACs"], 1e-30)
+        return df
+
+
+def count_forward(model: nn.Module, x, t, y, time_repeats: int = 0, **budget) -> ForwardCount:
+    """Exact useful and executed MACs of ``model(x, t, y, **budget)``, by component."""
+    executed = trace_forward(model, x, t, y, budget)
+    if len(set(executed.lengths)) <= 1:  # no padding between equal-length samples
+        singles = [_per_sample_share(executed, len(x))] * len(x)
+    else:
+        cache: dict[int, Trace] = {}
+        singles = []
+        for row, length in zip(split_rows(x, t, y, budget), executed.lengths):
+            if length not in cache:
+                cache[length] = trace_forward(model, *stack_rows([row]))
+            singles.append(cache[length])
+    useful = _sum_components(s.components for s in singles)
+    return ForwardCount(
+        useful_macs=sum(s.macs for s in singles), executed_macs=executed.macs, params=count_parameters(model),
+        batch_size=len(x), tokens_per_sample=executed.lengths, per_sample_useful_macs=[s.macs for s in singles],
+        by_component=useful, by_component_executed=executed.components,
+        params_by_component=params_by_component(model),
+        unsupported_ops=dict(executed.unsupported + sum((s.unsupported for s in singles), Counter())),
+        wall_ms=time_forward(model, x, t, y, time_repeats, **budget) if time_repeats else None,
+    )
+
+
+def _per_sample_share(trace: Trace, n: int) -> Trace:
+    return Trace(trace.macs // n, {k: v // n for k, v in trace.components.items()}, trace.lengths[:1], Counter())
+
+
+def _sum_components(parts: Iterable[dict[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for part in parts:
+        for k, v in part.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def time_forward(model: nn.Module, x, t, y, repeats: int = 3, warmup: int = 1, **budget) -> float:
+    """Median wall-clock milliseconds of one no-grad forward of the batch."""
+    dev = _device(model)
+    x, t, y = x.to(dev), t.to(dev), y.to(dev)
+    times, was_training = [], model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(warmup + repeats):
+            t0 = time.perf_counter()
+            model(x, t, y, **budget)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1e3)
+    model.train(was_training)
+    return statistics.median(times)
+
+
+# --------------------------------------------------------------------------- measurement inputs
+
+
+def measurement_inputs(model: nn.Module, n: int = 8, seed: int = 0, latent_root: str | None = None):
+    """(x_t, t, y): real images noised at uniformly drawn timesteps, the inputs a training step sees.
+
+    Images are ImageNet latents from ``latent_root`` (fast-DiT's layout, `latent_folder`) when that
+    folder exists, else the built-in procedural dataset at the model's channels and size as a stand-in.
+    """
+    from pathlib import Path
+
+    from .data.latents import LatentFolder
+    from .data.procedural import ProceduralShapes
+    from .diffusion import create_diffusion
+
+    if latent_root and Path(latent_root).is_dir():
+        data = LatentFolder(latent_root, num_classes=model.num_classes)
+    else:
+        data = ProceduralShapes(size=model.input_size, channels=model.in_channels, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    index = torch.randperm(len(data), generator=g)[:n].tolist()
+    x0 = torch.stack([data[i]["x"] for i in index])
+    t = torch.randint(0, 1000, (len(x0),), generator=g)
+    y = torch.randint(0, model.num_classes, (len(x0),), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    return create_diffusion("").q_sample(x0, t, noise), t, y
+
+
+# --------------------------------------------------------------------------- per-sample cost model
+
+
+class _Quadratic:
+    """Exact (rational) Lagrange interpolation of per-component values through up to 3 lengths."""
+
+    def __init__(self, points: dict[int, dict[str, int]]):
+        self.points = dict(sorted(points.items()))
+        keys = list(self.points)
+        self.nodes = keys if len(keys) <= 3 else [keys[0], keys[len(keys) // 2], keys[-1]]
+
+    def __call__(self, length: int) -> dict[str, float]:
+        if length in self.points:
+            return dict(self.points[length])
+        comps = set().union(*(self.points[n] for n in self.nodes))
+        out = {}
+        for c in comps:
+            total = Fraction(0)
+            for i, a in enumerate(self.nodes):
+                w = Fraction(1)
+                for j, b in enumerate(self.nodes):
+                    if i != j:
+                        w *= Fraction(length - b, a - b)
+                total += w * self.points[a].get(c, 0)
+            out[c] = float(total)
+        return out
+
+    def verified(self, rtol: float = 1e-9) -> bool | None:
+        """True/False when a length outside the nodes checks the fit; None when nothing can check it."""
+        held_out = [n for n in self.points if n not in self.nodes]
+        if not held_out:
+            return None
+        fit = _Quadratic({n: self.points[n] for n in self.nodes})
+        return all(_close(fit(n), self.points[n], rtol) for n in held_out)
+
+
+def _close(a: dict, b: dict, rtol: float) -> bool:
+    scale = max(1.0, sum(abs(v) for v in b.values()))
+    return all(abs(a.get(k, 0) - b.get(k, 0)) <= rtol * scale for k in set(a) | set(b))
+
+
+class SampleCost:
+    """Per-sample useful MACs by component as a function of the backbone length L.
+
+    ``backbone``: exact at any L (synthetic tokens; a quadratic through L = 1, 2, 3 checked at 4,
+    else traced per L). The rest of the model: exact counts of recorded inputs (one per length),
+    interpolated between measured lengths by a quadratic in L that a held-out length must confirm.
+    ``waste(L, M)``: MACs spent on padding a sample of length L to the batch's longest, M.
+    """
+
+    def __init__(self, model: nn.Module, max_fit_points: int = 4):
+        self.model, self.max_fit_points = model, max_fit_points
+        self.rows: dict[int, Row] = {}  # one recorded input per backbone length
+        self.exact: dict[int, Trace] = {}
+        self._backbone: dict[int, int] = {}
+        self._backbone_fit: _Quadratic | None = None
+        self._rest: _Quadratic | None = None
+        self._waste: _Quadratic | None = None
+        self.notes: list[str] = []
+
+    # -- inputs
+    def observe(self, rows: list[Row], lengths: list[int]) -> None:
+        for row, n in zip(rows, lengths):
+            self.rows.setdefault(int(n), row)
+        self._rest = None
+
+    # -- backbone
+    def backbone(self, length: int) -> int:
+        if length not in self._backbone:
+            if self._backbone_fit is None:
+                pts = {n: {"backbone": backbone_macs(self.model, n)} for n in (1, 2, 3, 4)}
+                self._backbone.update({n: p["backbone"] for n, p in pts.items()})
+                fit = _Quadratic(pts)
+                self._backbone_fit = fit if fit.verified() else False
+            if length not in self._backbone:
+                self._backbone[length] = (round(self._backbone_fit(length)["backbone"]) if self._backbone_fit
+                                          else backbone_macs(self.model, length))
+        return self._backbone[length]
+
+    # -- the rest of the model
+    def measure(self, length: int) -> Trace:
+        if length not in self.exact:
+            trace = trace_forward(self.model, *stack_rows([self.rows[length]]))
+            got = trace.lengths[0]
+            if got != length:
+                self.notes.append(f"a sample recorded at L={length} gave L={got} when counted alone")
+            self.exact[got] = trace
+            self.exact.setdefault(length, trace)
+        return self.exact[length]
+
+    def calibrate(self) -> None:
+        lengths = sorted(self.rows)
+        if len(lengths) > self.max_fit_points:
+            k = self.max_fit_points
+            lengths = sorted({lengths[round(i * (len(lengths) - 1) / (k - 1))] for i in range(k)})
+        for n in lengths:
+            self.measure(n)
+        self._rest = _Quadratic({n: self._rest_of(self.exact[n], n) for n in self.exact})
+        if self._rest.verified() is False:
+            self.notes.append("per-sample cost is not quadratic in L: every length is counted exactly")
+            for n in self.rows:
+                self.measure(n)
+            self._rest = _Quadratic({n: self._rest_of(self.exact[n], n) for n in self.exact})
+            self._rest.nodes = []  # exact points only
+
+    def _rest_of(self, trace: Trace, length: int) -> dict[str, int]:
+        rest = dict(trace.components)
+        rest["backbone"] = rest.get("backbone", 0) - self.backbone(length)
+        if rest["backbone"]:
+            self.notes.append(f"backbone counted in the model ({trace.components.get('backbone')}) differs from "
+                              f"synthetic tokens ({self.backbone(length)}) at L={length}")
+        return rest
+
+    def useful(self, length: int, backbone: bool = True) -> dict[str, float]:
+        """MACs by component of one sample with ``length`` backbone tokens (backbone skipped: False)."""
+        if self._rest is None:
+            self.calibrate()
+        if not self._rest.nodes and length not in self._rest.points:
+            if length not in self.rows:
+                raise ValueError(f"no recorded input has L={length}: the cost is not interpolable, count it exactly")
+            self.measure(length)
+            self._rest.points[length] = self._rest_of(self.exact[length], length)
+        out = self._rest(length)
+        out["backbone"] = out.get("backbone", 0) + (self.backbone(length) if backbone else 0)
+        return out
+
+    def extrapolated(self, length: int) -> bool:
+        """True when ``length`` lies outside the measured lengths (the rest is extrapolated)."""
+        if self._rest is None:
+            self.calibrate()
+        pts = list(self._rest.points)
+        if not self._rest.nodes:  # exact points only
+            return length not in pts
+        return length not in pts and not (min(pts) <= length <= max(pts) and len(pts) >= 3)
+
+    # -- padding between samples of unequal length
+    def waste(self, length: int, longest: int) -> dict[str, float]:
+        if length >= longest:
+            return {}
+        if self._waste is None:
+            self._calibrate_waste()
+        g_long, g_short = self._waste(longest), self._waste(length)
+        return {k: g_long.get(k, 0) - g_short.get(k, 0) for k in set(g_long) | set(g_short)}
+
+    def _pair_waste(self, a: int, b: int) -> dict[str, float]:
+        trace = trace_forward(self.model, *stack_rows([self.rows[a], self.rows[b]]))
+        ua, ub = self.useful(trace.lengths[0]), self.useful(trace.lengths[1])
+        return {k: trace.components.get(k, 0) - ua.get(k, 0) - ub.get(k, 0)
+                for k in set(trace.components) | set(ua) | set(ub)}
+
+    def _calibrate_waste(self) -> None:
+        """g(L) with waste(L, M) = g(M) - g(L): g(L_max) = 0, g(L) = -waste(L, L_max) at two more lengths,
+        checked on the pair of those two."""
+        lengths = sorted(self.rows)
+        top = lengths[-1]
+        picks = [lengths[0]] + ([lengths[len(lengths) // 2]] if len(lengths) > 2 else [])
+        points = {top: {}}
+        for n in picks:
+            points[n] = {k: -v for k, v in self._pair_waste(n, top).items()}
+        self._waste = _Quadratic(points)
+        if len(picks) == 2:
+            lo, mid = picks
+            expected = self._pair_waste(lo, mid)
+            predicted = {k: self._waste(mid).get(k, 0) - self._waste(lo).get(k, 0) for k in expected}
+            if not _close(predicted, expected, 1e-6):
+                self.notes.append("padding waste is not quadratic in the lengths: executed MACs are approximate")
+
+
+# --------------------------------------------------------------------------- trajectories
+
+
+@dataclass
+class Evaluation:
+    """One model evaluation inside a sampler (one call, both CFG halves together)."""
+
+    index: int
+    t: list[float]
+    lengths: list[int]  # per row: backbone tokens
+    cfg: bool  # rows [0, n) conditional, [n, 2n) unconditional
+    backbone_ran: bool
+    budget: list[dict[str, float]]
+
+
+class TrajectoryRecorder:
+    """Records every evaluation of ``model`` (plain calls and ``forward_with_cfg``) while active.
+
+    Works around any sampler: it wraps the model's own ``forward`` (instance attribute) and watches
+    the backbone, so steps that a reducer skips (backbone not run) are seen as such.
+    """
+
+    def __init__(self, model: nn.Module, cost: SampleCost | None = None):
+        self.model, self.cost = model, cost or SampleCost(model)
+        self.evaluations: list[Evaluation] = []
+        self._in_cfg = False
+        self._backbone_ran = False
+
+    def __enter__(self) -> "TrajectoryRecorder":
+        forward, forward_with_cfg = self.model.forward, self.model.forward_with_cfg
+
+        def recorded_forward(x, t, y, return_info: bool = False, **budget):
+            self._backbone_ran = False
+            out, info = forward(x, t, y, return_info=True, **budget)
+            self._record(x, t, y, budget, info.tokens_per_sample)
+            return (out, info) if return_info else out
+
+        def recorded_cfg(*args, **kwargs):
+            self._in_cfg = True
+            try:
+                return forward_with_cfg(*args, **kwargs)
+            finally:
+                self._in_cfg = False
+
+        self._saved = {k: self.model.__dict__.get(k) for k in ("forward", "forward_with_cfg")}
+        self.model.forward, self.model.forward_with_cfg = recorded_forward, recorded_cfg
+        self._hook = self.model.backbone.register_forward_pre_hook(lambda *_: setattr(self, "_backbone_ran", True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, saved in self._saved.items():  # back to the class methods (or earlier wrappers)
+            if saved is None:
+                delattr(self.model, name)
+            else:
+                setattr(self.model, name, saved)
+        self._hook.remove()
+
+    def _record(self, x, t, y, budget, lengths) -> None:
+        rows = split_rows(x, t, y, budget)
+        self.cost.observe(rows, lengths)
+        self.evaluations.append(Evaluation(len(self.evaluations), [float(v) for v in t.reshape(-1)],
+                                           [int(n) for n in lengths], self._in_cfg, self._backbone_ran,
+                                           [r.budget for r in rows]))
+
+    def count(self, num_images: int | None = None) -> "TrajectoryCount":
+        return TrajectoryCount.from_evaluations(self.evaluations, self.cost, num_images)
+
+
+@dataclass
+class TrajectoryCount:
+    """Per-image MACs over a sampling trajectory: every evaluation, both CFG branches."""
+
+    steps: pd.DataFrame  # one row per evaluation
+    per_image_useful_macs: list[float]
+    per_image_executed_macs: list[float]
+    by_component: dict[str, float]  # useful, mean per image
+    nfe: int
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_evaluations(cls, evaluations: list[Evaluation], cost: SampleCost, num_images: int | None = None):
+        if not evaluations:
+            raise ValueError("no model evaluation was recorded")
+        rows0 = len(evaluations[0].lengths)
+        n = num_images or (rows0 // 2 if evaluations[0].cfg else rows0)
+        useful, executed = [0.0] * n, [0.0] * n
+        comps: dict[str, float] = {}
+        records = []
+        for ev in evaluations:
+            longest = max(ev.lengths)
+            half = len(ev.lengths) // 2
+            ev_useful = ev_exec = 0.0
+            for r, length in enumerate(ev.lengths):
+                u = cost.useful(length, backbone=ev.backbone_ran)
+                w = cost.waste(length, longest) if len(set(ev.lengths)) > 1 else {}
+                mu, mw = sum(u.values()), sum(w.values())
+                image = (r % half if ev.cfg else r) % n
+                useful[image] += mu
+                executed[image] += mu + mw
+                ev_useful, ev_exec = ev_useful + mu, ev_exec + mu + mw
+                for k, v in u.items():
+                    comps[k] = comps.get(k, 0.0) + v / n
+            cond = ev.lengths[:half] if ev.cfg else ev.lengths
+            records.append({
+                "eval": ev.index, "t": ev.t[0], "cfg": ev.cfg, "backbone_ran": ev.backbone_ran,
+                "tokens_mean_cond": sum(cond) / len(cond),
+                "tokens_mean_uncond": sum(ev.lengths[half:]) / half if ev.cfg else None,
+                "useful_GMACs_per_image": ev_useful / n / 1e9, "executed_GMACs_per_image": ev_exec / n / 1e9,
+                "useful_GFLOPs_per_image": 2 * ev_useful / n / 1e9,
+            })
+        return cls(pd.DataFrame(records), useful, executed, comps, len(evaluations), list(dict.fromkeys(cost.notes)))
+
+    @property
+    def useful_macs_per_image(self) -> float:
+        return sum(self.per_image_useful_macs) / len(self.per_image_useful_macs)
+
+    @property
+    def executed_macs_per_image(self) -> float:
+        return sum(self.per_image_executed_macs) / len(self.per_image_executed_macs)
+
+    @property
+    def flops_per_image(self) -> float:
+        return 2 * self.useful_macs_per_image
+
+    def to_dict(self) -> dict:
+        return {
+            "units": {"macs": "multiply-accumulates per image over the whole trajectory", "flops": "2 x MACs"},
+            "nfe": self.nfe, "useful_macs_per_image": self.useful_macs_per_image,
+            "executed_macs_per_image": self.executed_macs_per_image, "flops_per_image": self.flops_per_image,
+            "by_component_per_image": self.by_component, "per_image_useful_macs": self.per_image_useful_macs,
+            "tokens_mean_per_step": self.steps["tokens_mean_cond"].tolist(),
+            "useful_GMACs_per_image_per_step": self.steps["useful_GMACs_per_image"].tolist(),
+            "notes": self.notes,
+        }
+
+
+def count_trajectory(model: nn.Module, num_samples: int = 2, sampler: str = "ddpm", num_steps: int = 250,
+                     cfg_scale: float = 1.0, seed: int = 0, **generate_kwargs) -> tuple[TrajectoryCount, Any]:
+    """Sample ``num_samples`` images in one batch while recording; returns (count, `SampleResult`)."""
+    from .sampling import generate
+
+    with TrajectoryRecorder(model) as rec:
+        result = generate(model, num_samples=num_samples, sampler=sampler, num_steps=num_steps,
+                          cfg_scale=cfg_scale, seed=seed, batch_size=num_samples, **generate_kwargs)
+    count = rec.count(num_samples)
+    if count.nfe != result.nfe:
+        count.notes.append(f"recorded {count.nfe} evaluations but the sampler counted {result.nfe}")
+    return count, result
+
+
+# --------------------------------------------------------------------------- report columns
+
+
+def report_columns(model: nn.Module, sampler: str = "ddpm", num_steps: int = 100, cfg_scale: float = 1.0,
+                   num_images: int = 2, num_inputs: int = 4, sample_wall_s_per_image: float | None = None,
+                   seed: int = 0) -> dict:
+    """Labelled compute columns for a report row: per forward, per image (trajectory), NFE, params."""
+    fwd = count_forward(model, *measurement_inputs(model, num_inputs, seed), time_repeats=3)
+    traj, _ = count_trajectory(model, num_images, sampler, num_steps, cfg_scale, seed=seed, device="cpu")
+    cols = {
+        "per_forward_GMACs": fwd.useful_macs / fwd.batch_size / 1e9,
+        "per_forward_GFLOPs": fwd.flops / fwd.batch_size / 1e9,
+        "per_forward_executed_GMACs": fwd.executed_macs / fwd.batch_size / 1e9,
+        "per_forward_wall_ms_per_image": fwd.wall_ms / fwd.batch_size,
+        "per_image_GMACs_(trajectory)": traj.useful_macs_per_image / 1e9,
+        "per_image_GFLOPs_(trajectory)": traj.flops_per_image / 1e9,
+        "NFE_per_image": traj.nfe,
+        "params": fwd.params,
+    }
+    if sample_wall_s_per_image is not None:
+        cols["wall_s_per_image_(sampling)"] = sample_wall_s_per_image
+    return cols
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def build_configured_model(config: str, bindings=()):
+    """The configured `DiffusionTransformer` and the config's latent folder (if it names one)."""
+    import gin
+
+    from .config import scoped
+    from .model import DiffusionTransformer
+
+    with scoped([config], bindings):
+        model = DiffusionTransformer()
+        try:
+            root = gin.query_parameter("datasets.latent_folder.root")
+        except (ValueError, KeyError):
+            root = None
+    return model, root
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser("flops", help="exact MACs/FLOPs per forward (useful, executed, by component) and per image")
+    p.add_argument("config", help="gin file")
+    p.add_argument("bindings", nargs="*", help="extra gin bindings")
+    p.add_argument("--bind", "-b", action="append", default=[], help="extra gin binding, repeatable")
+    p.add_argument("--samples", type=int, help="measured inputs (default: 1 when the tokenizer takes no budget "
+                   "keywords and there are no reducers, else 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=3, help="timed forwards for the wall-clock (0: none)")
+    p.add_argument("--trajectory", action="store_true", help="also count a whole sampling trajectory")
+    p.add_argument("--sampler", default="ddpm")
+    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--cfg-scale", type=float, default=1.0)
+    p.add_argument("--images", type=int, default=2, help="images sampled for the trajectory count")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_flops)
+
+
+def _cmd_flops(args) -> None:
+    model, root = build_configured_model(args.config, [*args.bindings, *args.bind])
+    static = not getattr(model.tokenizer, "budget_keys", ()) and not len(model.reducers)
+    n = args.samples or (1 if static else 8)
+    fwd = count_forward(model, *measurement_inputs(model, n, args.seed, root), time_repeats=args.repeats)
+    out = {"config": args.config, **fwd.to_dict()}
+    traj = None
+    if args.trajectory:
+        traj, _ = count_trajectory(model, args.images, args.sampler, args.steps, args.cfg_scale, seed=args.seed)
+        out["trajectory"] = {"sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg_scale,
+                             **traj.to_dict()}
+    if fwd.unsupported_ops:
+        print(f"warning: operators without a MAC handle (counted as 0): {fwd.unsupported_ops}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(out, default=float))
+        return
+    per = out
+    print(f"{args.config}: {per['useful_macs'] / 1e9:.3f} GMACs useful, {per['executed_macs'] / 1e9:.3f} GMACs "
+          f"executed, {per['flops'] / 1e9:.3f} GFLOPs (= 2 x MACs) per image per forward; "
+          f"{fwd.params / 1e6:.2f} M params; mean tokens/sample {sum(fwd.tokens_per_sample) / n:.1f} over {n} inputs"
+          + (f"; {per['wall_ms_per_forward']:.1f} ms/image forward" if fwd.wall_ms else ""))
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(fwd.table().round(4).to_string(index=False))
+        if traj is not None:
+            print(f"trajectory ({args.sampler}, {args.steps} steps, cfg {args.cfg_scale}): NFE {traj.nfe}, "
+                  f"{traj.useful_macs_per_image / 1e9:.2f} GMACs = {traj.flops_per_image / 1e12:.4f} TFLOPs per image")
+            print(traj.steps.round(4).to_string(index=False, max_rows=20))
