@@ -6,6 +6,7 @@ and the time ratio subject / reference next to the case's target.
 """
 from __future__ import annotations
 
+import ctypes
 import statistics
 import time
 from dataclasses import dataclass
@@ -47,6 +48,28 @@ def register_case(name: str):
     return deco
 
 
+def peak_memory_mb(fn: Callable[[], object]) -> float | None:
+    """Peak memory one call adds, in MiB: CUDA's allocator peak, or on Linux CPU the growth of the
+    process's peak resident set after returning cached heap pages (malloc_trim) and resetting it."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    status = Path("/proc/self/status")
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS watermark
+    except OSError:
+        return None
+    kb = lambda key: int(next(l for l in status.read_text().splitlines() if l.startswith(key)).split()[1])
+    base = kb("VmRSS:")
+    fn()
+    return (kb("VmHWM:") - base) / 1024
+
+
 def _time_once(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
@@ -56,6 +79,7 @@ def _time_once(fn: Callable[[], object]) -> float:
 def run_pair(pair: BenchPair, warmup: int = 2, repeats: int = 5) -> dict:
     for _ in range(warmup):
         pair.subject.fn(), pair.reference.fn()
+    mem_s, mem_r = peak_memory_mb(pair.subject.fn), peak_memory_mb(pair.reference.fn)
     ts, tr = [], []
     for _ in range(repeats):  # interleaved: drift hits both sides alike
         ts.append(_time_once(pair.subject.fn))
@@ -66,6 +90,7 @@ def run_pair(pair: BenchPair, warmup: int = 2, repeats: int = 5) -> dict:
         "subject_GMACs": _g(pair.subject.macs), "reference_GMACs": _g(pair.reference.macs),
         "subject_ms": ms, "reference_ms": mr,
         "subject_GFLOP/s": _rate(pair.subject.macs, ms), "reference_GFLOP/s": _rate(pair.reference.macs, mr),
+        "subject_peak_MiB": mem_s, "reference_peak_MiB": mem_r,
         "time_ratio": ms / mr, "target": pair.target,
     }
     if pair.subject.macs and pair.reference.macs:
@@ -110,6 +135,8 @@ def _fmt(r: dict) -> str:
         s += f" | {r['subject_GFLOP/s']:.1f} vs {r['reference_GFLOP/s'] or float('nan'):.1f} GFLOP/s"
     if r.get("mac_ratio"):
         s += f" | MAC ratio {r['mac_ratio']:.3f}"
+    if r.get("subject_peak_MiB") is not None:
+        s += f" | peak mem +{r['subject_peak_MiB']:.0f} vs +{r['reference_peak_MiB']:.0f} MiB"
     return s + (f" | target {r['target']}: {'met' if r['met'] else 'NOT met'}" if r["target"] else "")
 
 

@@ -78,6 +78,7 @@ class TrainStep:
     optimizer: torch.optim.Optimizer
     grad_clip: float
     device: torch.device
+    amp: bool = False  # bfloat16 autocast (CUDA): no loss scaling needed
 
     def __call__(self, engine: Engine, batch: dict) -> dict:
         self.model.train()
@@ -91,9 +92,10 @@ class TrainStep:
             infos.append(info)
             return out
 
-        terms = self.objective.training_losses(model_fn, x, t, model_kwargs={"y": y})
-        aux = {k: v for info in infos[:1] for k, v in info.aux_losses.items()}
-        loss = terms["loss"].mean() + sum(aux.values(), torch.zeros((), device=self.device))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            terms = self.objective.training_losses(model_fn, x, t, model_kwargs={"y": y})
+            aux = dict(infos[0].aux_losses)
+            loss = terms["loss"].mean() + sum(aux.values(), torch.zeros((), device=self.device))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
@@ -105,8 +107,8 @@ class TrainStep:
         return out
 
 
-def create_trainer(model, objective, optimizer, grad_clip: float = 1.0, device="cpu") -> Engine:
-    trainer = Engine(TrainStep(model, objective, optimizer, grad_clip, torch.device(device)))
+def create_trainer(model, objective, optimizer, grad_clip: float = 1.0, device="cpu", amp: bool = False) -> Engine:
+    trainer = Engine(TrainStep(model, objective, optimizer, grad_clip, torch.device(device), amp))
     trainer.add_event_handler(Events.ITERATION_COMPLETED, TerminateOnNan(lambda out: out["loss"]))
     return trainer
 
@@ -119,8 +121,11 @@ class MetricsLog:
         self._t0 = time.perf_counter()
 
     def resume(self, step: int) -> None:
+        """Keep the rows up to ``step``; ``seconds`` keeps counting training time across restarts."""
         if self.path.exists() and step > 0:
             self.rows = [r for r in pd.read_csv(self.path).to_dict("records") if r["step"] <= step]
+            if self.rows:
+                self._t0 = time.perf_counter() - self.rows[-1]["seconds"]
 
     def __call__(self, engine: Engine) -> None:
         step = engine.state.iteration
@@ -168,38 +173,21 @@ def train(
                          f"{model.in_channels}x{model.input_size}x{model.input_size}")
     obj = make_objective(objective, **({"learn_sigma": model.learn_sigma} if objective == "gaussian" else {}))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    world = idist.get_world_size()
-    if batch_size % world:
-        raise ValueError(f"batch_size {batch_size} is not divisible by the {world} processes")
-    per_rank = batch_size // world
-    holder: dict = {}  # the stream reads the trainer's position when an iterator starts
-    stream = SampleStream(len(data), per_rank, seed, lambda: holder["trainer"].state.iteration,
-                          idist.get_rank(), world)
-    # the loader draws worker seeds from its own generator, never from the global RNG that the
-    # checkpoint restores (else where ignite restarts an iterator would shift every later draw)
-    loader = torch.utils.data.DataLoader(data, batch_size=per_rank, sampler=stream, num_workers=num_workers,
-                                         pin_memory=dev.type == "cuda",
-                                         generator=torch.Generator().manual_seed(seed))
-    trainer = create_trainer(idist.auto_model(model), obj, idist.auto_optim(optimizer), grad_clip, dev)
-    torch.manual_seed(seed + idist.get_rank())  # ranks share the init (DDP broadcasts it), not the noise
+    holder: dict = {}  # the sample stream reads the trainer's position when an iterator starts
+    loader = build_loader(data, batch_size, seed, lambda: holder["trainer"].state.iteration, num_workers, dev)
+    trainer = create_trainer(idist.auto_model(model), obj, idist.auto_optim(optimizer), grad_clip, dev,
+                             amp=dev.type == "cuda")
     holder["trainer"] = trainer
+    torch.manual_seed(seed + idist.get_rank())  # ranks share the init (DDP broadcasts it), not the noise
     ema = EMAHandler(model, momentum=1.0 - ema_decay)
     ema.attach(trainer, name="ema_momentum", event=Events.ITERATION_COMPLETED)
     _attach_lr_warmup(trainer, optimizer, lr, warmup_steps)
-
     to_save = {"model": model, "ema": ema.ema_model, "optimizer": optimizer,
                "trainer": trainer, "rng": RNGState()}
     saver = Checkpoint(to_save, DiskSaver(run_dir / CHECKPOINT_DIR, require_empty=False, atomic=True),
                        n_saved=2, global_step_transform=lambda e, _: e.state.iteration)
     trainer.add_event_handler(Events.ITERATION_COMPLETED(every=checkpoint_every) | Events.COMPLETED, saver)
-    metrics = MetricsLog(run_dir / METRICS_FILE, log_every)
-    if idist.get_rank() == 0:  # one writer per run directory
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, metrics)
-        trainer.add_event_handler(Events.COMPLETED, lambda _: metrics.flush())
-        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=1), lambda _: atomic_write_text(
-            gin.operative_config_str(), run_dir / "operative_config.gin"))
-    if progress:
-        ProgressBar(persist=False).attach(trainer, output_transform=lambda out: {"loss": out["loss"]})
+    metrics = _attach_logging(trainer, run_dir, log_every, progress)
 
     last = latest_checkpoint(run_dir)
     if last is not None:
@@ -210,6 +198,33 @@ def train(
         trainer.run(loader, max_iters=steps, epoch_length=max(1, len(data) // batch_size))
     return {"run_dir": str(run_dir), "steps": trainer.state.iteration, "model": model, "ema": ema.ema_model,
             "metrics": pd.DataFrame(metrics.rows)}
+
+
+def build_loader(data, batch_size: int, seed: int, position, num_workers: int, device: torch.device):
+    """A loader over this rank's share of a resumable `SampleStream`."""
+    world = idist.get_world_size()
+    if batch_size % world:
+        raise ValueError(f"batch_size {batch_size} is not divisible by the {world} processes")
+    per_rank = batch_size // world
+    stream = SampleStream(len(data), per_rank, seed, position, idist.get_rank(), world)
+    # the loader draws worker seeds from its own generator, never from the global RNG that the
+    # checkpoint restores (else where ignite restarts an iterator would shift every later draw)
+    return torch.utils.data.DataLoader(data, batch_size=per_rank, sampler=stream, num_workers=num_workers,
+                                       pin_memory=device.type == "cuda",
+                                       generator=torch.Generator().manual_seed(seed))
+
+
+def _attach_logging(trainer: Engine, run_dir: Path, log_every: int, progress: bool) -> MetricsLog:
+    """Metrics CSV and the operative config (rank 0 only: one writer per run directory), progress bar."""
+    metrics = MetricsLog(run_dir / METRICS_FILE, log_every)
+    if idist.get_rank() == 0:
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, metrics)
+        trainer.add_event_handler(Events.COMPLETED, lambda _: metrics.flush())
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=1), lambda _: atomic_write_text(
+            gin.operative_config_str(), run_dir / "operative_config.gin"))
+    if progress:
+        ProgressBar(persist=False).attach(trainer, output_transform=lambda out: {"loss": out["loss"]})
+    return metrics
 
 
 def _train_from_config(local_rank: int, config: str, bindings: list[str], run_dir: str) -> None:

@@ -778,25 +778,32 @@ def count_trajectory(model: nn.Module, num_samples: int = 2, sampler: str = "ddp
 # --------------------------------------------------------------------------- report columns
 
 
-def report_columns(model: nn.Module, sampler: str = "ddpm", num_steps: int = 100, cfg_scale: float = 1.0,
-                   num_images: int = 2, num_inputs: int = 4, sample_wall_s_per_image: float | None = None,
-                   seed: int = 0) -> dict:
-    """Labelled compute columns for a report row: per forward, per image (trajectory), NFE, params."""
+def forward_columns(model: nn.Module, num_inputs: int = 4, seed: int = 0) -> dict:
+    """Labelled per-forward columns (per image, useful and executed) and parameters."""
     fwd = count_forward(model, *measurement_inputs(model, num_inputs, seed), time_repeats=3)
-    traj, _ = count_trajectory(model, num_images, sampler, num_steps, cfg_scale, seed=seed, device="cpu")
-    cols = {
+    return {
         "per_forward_GMACs": fwd.useful_macs / fwd.batch_size / 1e9,
         "per_forward_GFLOPs": fwd.flops / fwd.batch_size / 1e9,
         "per_forward_executed_GMACs": fwd.executed_macs / fwd.batch_size / 1e9,
         "per_forward_wall_ms_per_image": fwd.wall_ms / fwd.batch_size,
+        "params": fwd.params,
+    }
+
+
+def trajectory_columns(traj: "TrajectoryCount") -> dict:
+    """Labelled per-image columns of a recorded sampling trajectory."""
+    return {
         "per_image_GMACs_(trajectory)": traj.useful_macs_per_image / 1e9,
         "per_image_GFLOPs_(trajectory)": traj.flops_per_image / 1e9,
         "NFE_per_image": traj.nfe,
-        "params": fwd.params,
     }
-    if sample_wall_s_per_image is not None:
-        cols["wall_s_per_image_(sampling)"] = sample_wall_s_per_image
-    return cols
+
+
+def report_columns(model: nn.Module, sampler: str = "ddpm", num_steps: int = 100, cfg_scale: float = 1.0,
+                   num_images: int = 2, num_inputs: int = 4, seed: int = 0) -> dict:
+    """Labelled compute columns for a report row: per forward, per image (trajectory), NFE, params."""
+    traj, _ = count_trajectory(model, num_images, sampler, num_steps, cfg_scale, seed=seed, device="cpu")
+    return {**forward_columns(model, num_inputs, seed), **trajectory_columns(traj)}
 
 
 # --------------------------------------------------------------------------- CLI

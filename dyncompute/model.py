@@ -129,7 +129,3 @@ def _split_budget(cond: dict, uncond: dict, n: int, device) -> dict:
         b = torch.as_tensor(uncond.get(key, 0.0), dtype=torch.float32, device=device).expand(n)
         merged[key] = torch.cat([a, b])
     return merged
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -100,6 +100,7 @@ def plot_boundary_maps(traj: Trajectory, path, max_columns: int = 8, max_rows: i
         ax.set_xticks([]), ax.set_yticks([])
     fig.suptitle("tokens the backbone processes (black; fraction kept below each map), noisy -> clean",
                  fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     return save_figure(fig, path)
 
 

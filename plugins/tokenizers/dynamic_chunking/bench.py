@@ -4,18 +4,16 @@
   one fixed-length batch with the same total token count (target: time ratio <= 1.15).
 - ``dcdit_vs_dit``: a whole DC-DiT forward (N = 4) vs a DiT/2 of the same width and depth
   (target: time ratio <= 1.15 x MAC ratio).
-Both report peak memory (CPU: peak-RSS growth of the call; CUDA: max allocated) in their labels.
+The harness reports both sides' peak memory (dyncompute.bench.peak_memory_mb).
 
     dyncompute bench dcdit_packed_backbone dcdit_vs_dit
     python -m dyncompute_plugins.tokenizers.dynamic_chunking.bench
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from dyncompute.bench import BenchPair, Timed, counted_flops, register_case, run_pair, _fmt
+from dyncompute.bench import BenchPair, Timed, counted_flops, register_case, run_cases
 from dyncompute.backbone import Backbone
 from dyncompute.layers import grid_positions
 from dyncompute.model import DiffusionTransformer
@@ -25,29 +23,6 @@ from .tokenizer import DynamicChunking
 
 SIZE = dict(hidden_size=384, depth=12, num_heads=6)  # DiT-S
 BATCH = 8
-
-
-def peak_memory_mb(fn) -> float | None:
-    """Peak memory growth of one call in MB (CUDA: allocator peak; Linux CPU: VmHWM after a reset)."""
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    status = Path("/proc/self/status")
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS watermark
-    except OSError:
-        return None
-    rss = lambda key: int(next(l for l in status.read_text().splitlines() if l.startswith(key)).split()[1])
-    base = rss("VmRSS:")
-    fn()
-    return (rss("VmHWM:") - base) / 1024
-
-
-def _mem_label(label: str, fn) -> str:
-    mb = peak_memory_mb(fn)
-    return f"{label} [peak mem +{mb:.0f} MB]" if mb is not None else label
 
 
 @register_case("dcdit_packed_backbone")
@@ -71,9 +46,9 @@ def packed_backbone_case(batch: int = BATCH, mean_len: int = 256, spread: float 
     reference = lambda: run(fixed)
     return [BenchPair(
         "dcdit_packed_backbone",
-        Timed(_mem_label(f"backbone on packed lengths {min(lengths.tolist())}..{max(lengths.tolist())}", subject),
+        Timed(f"backbone on packed lengths {min(lengths.tolist())}..{max(lengths.tolist())}",
               subject, counted_flops(subject) / 2),
-        Timed(_mem_label(f"backbone on fixed {batch}x{mean_len}", reference), reference, counted_flops(reference) / 2),
+        Timed(f"backbone on fixed {batch}x{mean_len}", reference, counted_flops(reference) / 2),
         target="time ratio <= 1.15", check=lambda r: r["time_ratio"] <= 1.15)]
 
 
@@ -108,18 +83,15 @@ def dcdit_vs_dit_case(batch: int = BATCH, N: float = 4.0) -> list[BenchPair]:
     subject, reference = (lambda: fwd(dcdit)), (lambda: fwd(dit))
     return [BenchPair(
         "dcdit_vs_dit",
-        Timed(_mem_label(f"DC-DiT N={N:g} fwd (kept {kept:.3f}, B={batch})", subject), subject,
+        Timed(f"DC-DiT N={N:g} fwd (kept {kept:.3f}, B={batch})", subject,
               counted_flops(subject) / 2),
-        Timed(_mem_label(f"DiT/2 fwd (D={SIZE['hidden_size']}, depth {SIZE['depth']})", reference), reference,
+        Timed(f"DiT/2 fwd (D={SIZE['hidden_size']}, depth {SIZE['depth']})", reference,
               counted_flops(reference) / 2),
         target="time ratio <= 1.15 x MAC ratio", check=lambda r: r["time_ratio"] <= 1.15 * r["mac_ratio"])]
 
 
 def main(repeats: int = 5) -> None:
-    for build in (packed_backbone_case, dcdit_vs_dit_case):
-        for pair in build():
-            print(_fmt(run_pair(pair, warmup=2, repeats=repeats)), flush=True)
-            print(f"    {pair.subject.label}\n    {pair.reference.label}", flush=True)
+    run_cases(["dcdit_packed_backbone", "dcdit_vs_dit"], repeats=repeats)
 
 
 if __name__ == "__main__":
