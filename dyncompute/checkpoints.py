@@ -10,7 +10,6 @@ import re
 import torch
 
 from .io import load_checkpoint
-from .layers import sincos_2d
 from .model import DiffusionTransformer
 
 # official DiT name -> dyncompute name (prefix rewrite, first match wins)
@@ -21,7 +20,7 @@ _DIT_PREFIXES = (
     ("t_embedder.", "t_embedder."),
     ("y_embedder.", "y_embedder."),
 )
-_DIT_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}  # DiT-S/B/L/XL
+DIT_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}  # DiT-S/B/L/XL (and DC-DiT's widths)
 
 
 def _rename(key: str, table) -> str | None:
@@ -29,6 +28,47 @@ def _rename(key: str, table) -> str | None:
         if key.startswith(src):
             return dst + key[len(src):]
     return None
+
+
+def load_renamed(model: DiffusionTransformer, state_dict: dict, prefixes, pos_embed: torch.Tensor,
+                 not_loaded=()) -> DiffusionTransformer:
+    """Load an original-key-name state dict through a prefix table; its frozen ``pos_embed`` must equal
+    ours. Anything missing or left over is an error naming the keys."""
+    converted, unexpected = {}, []
+    for key, value in state_dict.items():
+        if key == "pos_embed":
+            check_pos_embed(value, pos_embed)
+            continue
+        new = _rename(key, prefixes)
+        (unexpected.append(key) if new is None else converted.__setitem__(new, value))
+    missing, extra = model.load_state_dict(converted, strict=False)
+    missing = [k for k in missing if k not in not_loaded]
+    if missing or extra or unexpected:
+        raise ValueError(f"state dict does not match the config: missing {sorted(missing)}, "
+                         f"unexpected {sorted(extra) + unexpected}")
+    return model
+
+
+def export_renamed(model: DiffusionTransformer, prefixes, pos_embed: torch.Tensor, not_loaded=()) -> dict:
+    """The inverse of `load_renamed`: our state dict under original key names, ``pos_embed`` included."""
+    inverse = tuple((dst, src) for src, dst in prefixes)
+    out = {"pos_embed": pos_embed.reshape(1, -1, pos_embed.shape[-1]).detach().clone()}
+    for key, value in model.state_dict().items():
+        if key in not_loaded:
+            continue
+        new = _rename(key, inverse)
+        if new is None:
+            raise ValueError(f"{key} has no counterpart in the original model (a plugin or reducer it lacks)")
+        out[new] = value.detach().clone()
+    return out
+
+
+def check_pos_embed(value: torch.Tensor, ours: torch.Tensor) -> None:
+    value = value.reshape(-1, value.shape[-1]).float()
+    ours = ours.reshape(-1, ours.shape[-1])
+    if value.shape != ours.shape or (value - ours).abs().max() > 1e-4:
+        raise ValueError(f"checkpoint pos_embed {tuple(value.shape)} is not the frozen sin-cos table "
+                         f"{tuple(ours.shape)}")
 
 
 def infer_dit_config(state_dict: dict, num_heads: int | None = None) -> dict:
@@ -39,7 +79,7 @@ def infer_dit_config(state_dict: dict, num_heads: int | None = None) -> dict:
     depth = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k)))
     table = state_dict["y_embedder.embedding_table.weight"].shape[0]
     grid = int(round(state_dict["pos_embed"].shape[1] ** 0.5))
-    num_heads = num_heads or _DIT_HEADS.get(hidden)
+    num_heads = num_heads or DIT_HEADS.get(hidden)
     if num_heads is None:
         raise ValueError(f"cannot infer num_heads for hidden size {hidden} (not a DiT S/B/L/XL); pass a config")
     return dict(input_size=grid * p, patch_size=p, in_channels=in_ch, hidden_size=hidden, depth=depth,
@@ -68,52 +108,29 @@ def load_official_dit(state_dict: dict, config: dict | None = None) -> Diffusion
     """Build a model from a facebookresearch/DiT state dict (original key names)."""
     state_dict = unwrap_state_dict(state_dict)
     model = build_dit(config or infer_dit_config(state_dict))
-    converted, unexpected = {}, []
-    for key, value in state_dict.items():
-        if key == "pos_embed":
-            _check_pos_embed(value, model)
-            continue
-        new = _rename(key, _DIT_PREFIXES)
-        (unexpected.append(key) if new is None else converted.__setitem__(new, value))
-    missing, extra = model.load_state_dict(converted, strict=False)
-    if missing or extra or unexpected:
-        raise ValueError(f"state dict does not match the DiT config: missing {sorted(missing)}, "
-                         f"unexpected {sorted(extra) + unexpected}")
-    return model
+    return load_renamed(model, state_dict, _DIT_PREFIXES, model.tokenizer.pos_embed)
 
 
 def to_official_dit(model: DiffusionTransformer) -> dict:
-    """Export a patchify model to facebookresearch/DiT key names (pos_embed included)."""
-    inverse = tuple((dst, src) for src, dst in _DIT_PREFIXES)
-    out = {"pos_embed": model.tokenizer.pos_embed.detach().clone()}
-    for key, value in model.state_dict().items():
-        new = _rename(key, inverse)
-        if new is None:
-            raise ValueError(f"{key} has no DiT equivalent: only patchify models without reducers export")
-        out[new] = value.detach().clone()
-    return out
+    """Export a patchify model (no reducers) to facebookresearch/DiT key names."""
+    return export_renamed(model, _DIT_PREFIXES, model.tokenizer.pos_embed)
 
 
 def unwrap_state_dict(obj: dict) -> dict:
-    """Accept a bare state dict or a training checkpoint holding one under 'ema' or 'model'."""
+    """Accept a bare state dict or a training checkpoint holding one under 'ema' or 'model'; drop the
+    ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes."""
     if not isinstance(obj, dict):
         raise ValueError(f"expected a state dict, got {type(obj).__name__}")
     for key in ("ema", "model"):
         if key in obj and isinstance(obj[key], dict):
-            return obj[key]
-    return obj
+            obj = obj[key]
+            break
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
 
 
 def read_official_dit(path, config: dict | None = None) -> DiffusionTransformer:
     """Load e.g. DiT-XL-2-256x256.pt from a local path."""
     return load_official_dit(load_checkpoint(path), config)
-
-
-def _check_pos_embed(value: torch.Tensor, model: DiffusionTransformer) -> None:
-    ours = model.tokenizer.pos_embed
-    if value.shape != ours.shape or (value.float() - ours).abs().max() > 1e-4:
-        raise ValueError(f"checkpoint pos_embed {tuple(value.shape)} is not DiT's frozen sin-cos table "
-                         f"{tuple(ours.shape)}")
 
 
 def load_official_dcdit(state_dict: dict, config: dict | None = None, **tokenizer_kwargs) -> DiffusionTransformer:

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import re
 
-import torch
-
+from dyncompute.checkpoints import DIT_HEADS, export_renamed, load_renamed, unwrap_state_dict
 from dyncompute.model import DiffusionTransformer
 
 from .tokenizer import DynamicChunking
@@ -30,16 +29,6 @@ PREFIXES = (
     ("y_embedder.", "y_embedder."),
 )
 NOT_LOADED = ("tokenizer.step",)  # our own buffers with no official counterpart
-HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}  # S / B / L / XL
-
-
-def _rename(key: str, table) -> str | None:
-    for src, dst in table:
-        if key.startswith(src):
-            return dst + key[len(src):]
-    return None
-
-
 def _count(state_dict: dict, prefix: str) -> int:
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
     return 1 + max((int(m.group(1)) for k in state_dict if (m := pattern.match(k))), default=-1)
@@ -50,11 +39,11 @@ def infer_config(state_dict: dict) -> dict:
     D = state_dict["t_embedder.mlp.2.weight"].shape[0]
     stem = state_dict["x_embedder.proj.weight"]
     out = state_dict["final_layer.linear.weight"].shape[0]
-    if D not in HEADS:
+    if D not in DIT_HEADS:
         raise ValueError(f"cannot infer num_heads for d_model {D}; pass a config")
     return dict(input_size=int(round(state_dict["pos_embed"].shape[1] ** 0.5)), in_channels=stem.shape[1],
                 d_model=D, depth=_count(state_dict, "hnet.main_network.main_network.layers."),
-                num_heads=HEADS[D], num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,
+                num_heads=DIT_HEADS[D], num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,
                 enc_dec_dim_factor=D // stem.shape[0], learn_sigma=out == 2 * stem.shape[1],
                 mlp_ratio=state_dict["hnet.main_network.main_network.layers.0.mlp.fc1.weight"].shape[0] / D)
 
@@ -78,45 +67,15 @@ def build_dcdit(config: dict, encoder_depth: int = 2, decoder_depth: int = 2, **
 
 def load_official_dcdit(state_dict: dict, config: dict | None = None, **tokenizer_kwargs) -> DiffusionTransformer:
     """Build a model from an AMD-AGI/DynamicChunkingDiT state dict (original key names)."""
-    from dyncompute.checkpoints import unwrap_state_dict
-
     state_dict = unwrap_state_dict(state_dict)
-    state_dict = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state_dict.items()}
     model = build_dcdit(config or infer_config(state_dict),
                         encoder_depth=_count(state_dict, "hnet.encoder.layers."),
                         decoder_depth=_count(state_dict, "hnet.decoder.layers."), **tokenizer_kwargs)
-    converted, unexpected = {}, []
-    for key, value in state_dict.items():
-        if key == "pos_embed":
-            _check_pos_embed(value, model.tokenizer.pos_embed)
-            continue
-        new = _rename(key, PREFIXES)
-        (unexpected.append(key) if new is None else converted.__setitem__(new, value))
-    missing, extra = model.load_state_dict(converted, strict=False)
-    missing = [k for k in missing if k not in NOT_LOADED]
-    if missing or extra or unexpected:
-        raise ValueError(f"state dict does not match the DC-DiT config: missing {sorted(missing)}, "
-                         f"unexpected {sorted(extra) + unexpected}")
-    return model
+    return load_renamed(model, state_dict, PREFIXES, model.tokenizer.pos_embed, NOT_LOADED)
 
 
 def to_official_dcdit(model: DiffusionTransformer) -> dict:
     """Export a dynamic-chunking model (no reducers) to the official key names, pos_embed included."""
     if not isinstance(model.tokenizer, DynamicChunking):
         raise ValueError("only dynamic_chunking models export to DC-DiT checkpoints")
-    inverse = tuple((dst, src) for src, dst in PREFIXES)
-    out = {"pos_embed": model.tokenizer.pos_embed[None].detach().clone()}
-    for key, value in model.state_dict().items():
-        if key in NOT_LOADED:
-            continue
-        new = _rename(key, inverse)
-        if new is None:
-            raise ValueError(f"{key} has no DC-DiT equivalent (router or reducer outside the official model)")
-        out[new] = value.detach().clone()
-    return out
-
-
-def _check_pos_embed(value: torch.Tensor, ours: torch.Tensor) -> None:
-    value = value.reshape(-1, value.shape[-1]).float()
-    if value.shape != ours.shape or (value - ours).abs().max() > 1e-4:
-        raise ValueError(f"checkpoint pos_embed {tuple(value.shape)} is not the frozen sin-cos table {tuple(ours.shape)}")
+    return export_renamed(model, PREFIXES, model.tokenizer.pos_embed, NOT_LOADED)
