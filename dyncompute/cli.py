@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    logging.getLogger("ignite").setLevel(logging.WARNING)  # ignite narrates every launch at INFO
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, KeyError, TypeError, RuntimeError) as e:

@@ -39,7 +39,7 @@ def quickstart(out: str | Path = "reports/quickstart", runs: str | Path = "runs/
         t0 = time.perf_counter()
         with TrajectoryRecorder(model) as recorder:  # every evaluation's real token counts
             samples = generate(model, num_samples=num_samples, sampler="ddpm", num_steps=sample_steps,
-                               batch_size=num_samples, device="cpu")
+                               batch_size=num_samples, clip_denoised=True, device="cpu")
         sample_s = time.perf_counter() - t0
         trajectory = recorder.count(num_samples)
         files = save_samples(samples.images, out, name=f"samples_{slug}")
@@ -93,7 +93,7 @@ def _write_page(out: Path, df: pd.DataFrame, figures, views: dict, sample_steps:
          "encoder and decoder outweigh the tokens it saves in the backbone; `dyncompute flops "
          "experiments/imagenet256/dcdit_b.gin` shows the balance at paper scale."),
         ("Training loss", "![loss](loss.png)"),
-        ("Samples", f"EMA weights, DDPM {sample_steps} steps, no guidance, labels cycle through the classes "
+        ("Samples", f"EMA weights, DDPM {sample_steps} steps (x0 clipped to the pixel range), no guidance, labels cycle through the classes "
          "(labels 0, 1, ..., 9, 0, ... in reading order).\n\n" + "\n\n".join(f"**{n}**\n\n![{n}]({f})" for n, f in figures)),
     ]
     for name, v in views.items():

@@ -47,11 +47,16 @@ class SampleResult:
 @gin.configurable(denylist=["model"])
 def generate(model: DiffusionTransformer, num_samples: int = 16, sampler: str = "ddpm", num_steps: int = 250,
              cfg_scale: float = 1.0, guided_channels: int | None = None, seed: int = 0, batch_size: int = 64,
-             labels=None, device: str = "auto", progress: bool = False, **budget) -> SampleResult:
-    """Class-conditional samples; labels cycle through the classes unless given."""
+             labels=None, clip_denoised: bool | None = None, device: str = "auto", progress: bool = False,
+             **budget) -> SampleResult:
+    """Class-conditional samples; labels cycle through the classes unless given.
+
+    ``clip_denoised`` (Gaussian samplers) clips predicted x0 to [-1, 1]: right for pixel data, wrong for
+    latents; None keeps the sampler's default (DiT's: off, for latents).
+    """
     dev = resolve_device(device)
     model = model.to(dev).eval()
-    s = SAMPLERS.build(sampler, num_steps=num_steps, **_learn_sigma_kw(sampler, model))
+    s = SAMPLERS.build(sampler, num_steps=num_steps, **_gaussian_kw(sampler, model, clip_denoised))
     g = torch.Generator(device="cpu").manual_seed(seed)
     ys = torch.as_tensor(labels) if labels is not None else torch.arange(num_samples) % model.num_classes
     images, nfe, steps = [], 0, []
@@ -69,8 +74,10 @@ def generate(model: DiffusionTransformer, num_samples: int = 16, sampler: str = 
     return SampleResult(torch.cat(images).clamp(-1, 1), ys, nfe, steps)
 
 
-def _learn_sigma_kw(sampler: str, model) -> dict:
-    return {} if SAMPLERS.get(sampler).kind == "flow" else {"learn_sigma": model.learn_sigma}
+def _gaussian_kw(sampler: str, model, clip_denoised: bool | None) -> dict:
+    if SAMPLERS.get(sampler).kind == "flow":
+        return {}
+    return {"learn_sigma": model.learn_sigma, **({} if clip_denoised is None else {"clip_denoised": clip_denoised})}
 
 
 def _model_fn(model, y, cfg_scale, guided_channels, budget):
