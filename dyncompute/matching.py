@@ -24,8 +24,8 @@ from functools import lru_cache
 import pandas as pd
 import torch
 
-from .flops import (SampleCost, build_configured_model, count_forward, count_parameters, measurement_inputs,
-                    split_rows, trace_forward)
+from .flops import build_configured_model, count_forward, count_parameters, measurement_inputs, split_rows, trace_forward
+from .trajectory import SampleCost
 from .registry import TOKENIZERS
 
 

@@ -12,7 +12,8 @@ import pandas as pd
 
 from .config import scoped
 from .engine import train
-from .flops import TrajectoryRecorder, forward_columns, trajectory_columns
+from .flops import forward_columns
+from .trajectory import TrajectoryRecorder, trajectory_columns
 from .report import loss_curves, markdown_table, save_figure, save_table, write_page
 from .sampling import generate, save_samples
 from .views import write_views

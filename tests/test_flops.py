@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from dyncompute import flops
+from dyncompute import flops, trajectory
 from dyncompute.model import DiffusionTransformer
 from dyncompute.registry import TOKENIZERS
 
@@ -140,11 +140,11 @@ def test_dit_trajectory_is_steps_times_forward_and_doubles_under_cfg():
     model = tiny_dit(hidden=32, depth=1, size=8)
     x, t, y = inputs(model, 1)
     per_forward = flops.count_forward(model, x, t, y).useful_macs
-    plain, result = flops.count_trajectory(model, num_samples=2, num_steps=250, device="cpu")
+    plain, result = trajectory.count_trajectory(model, num_samples=2, num_steps=250, device="cpu")
     assert plain.nfe == result.nfe == 250
     assert plain.useful_macs_per_image == 250 * per_forward
     assert plain.executed_macs_per_image == plain.useful_macs_per_image
-    guided, _ = flops.count_trajectory(model, num_samples=2, num_steps=250, cfg_scale=4.0, device="cpu")
+    guided, _ = trajectory.count_trajectory(model, num_samples=2, num_steps=250, cfg_scale=4.0, device="cpu")
     assert guided.nfe == 250
     assert guided.useful_macs_per_image == 2 * plain.useful_macs_per_image
 
@@ -161,7 +161,7 @@ def test_dcdit_trajectory_matches_exact_recount_per_evaluation():
     model.forward = keep
     from dyncompute.sampling import generate
 
-    with flops.TrajectoryRecorder(model) as rec:
+    with trajectory.TrajectoryRecorder(model) as rec:
         generate(model, num_samples=3, num_steps=6, cfg_scale=3.0, device="cpu", batch_size=3)
     del model.forward
     count = rec.count(3)
@@ -178,7 +178,7 @@ def test_recorder_sees_lite_cfg_budgets_and_restores_the_model():
     model = tiny_dcdit(router="predictability")
     x, t, y = inputs(model, 2)
     null = torch.full_like(y, model.num_classes)
-    with flops.TrajectoryRecorder(model) as rec:
+    with trajectory.TrajectoryRecorder(model) as rec:
         model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), cfg_scale=2.0,
                                uncond_budget={"tail_drop": 0.5})
     assert "forward" not in model.__dict__ and "forward_with_cfg" not in model.__dict__
