@@ -1,6 +1,7 @@
 """The tokenizer plugin interface: owns the grid -> tokens and tokens -> grid ends of a model."""
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 import torch
@@ -9,7 +10,7 @@ import torch.nn as nn
 from .tokens import Tokens
 
 
-class Tokenizer(nn.Module):
+class Tokenizer(nn.Module, abc.ABC):
     """Base class of tokenizer plugins (static patchify, dynamic chunking, ...).
 
     A tokenizer is built by the model with the keyword arguments ``hidden_size``, ``in_channels``,
@@ -19,11 +20,13 @@ class Tokenizer(nn.Module):
 
     budget_keys: tuple[str, ...] = ()  # the budget keywords encode() accepts
 
+    @abc.abstractmethod
     def encode(self, x: torch.Tensor, c: torch.Tensor, **budget) -> tuple[Tokens, Any]:
-        raise NotImplementedError
+        """Grid (B, C, H, W) and conditioning (B, D) -> packed tokens and a state for ``decode``."""
 
+    @abc.abstractmethod
     def decode(self, tokens: Tokens, state: Any, c: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Backbone output tokens -> prediction on the input grid (B, C_out, H, W)."""
 
     def aux_losses(self, state: Any) -> dict[str, torch.Tensor]:
         """Auxiliary training losses (already weighted), added to the diffusion loss."""

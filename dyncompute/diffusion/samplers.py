@@ -7,6 +7,7 @@ evaluation, even when it runs a doubled classifier-free-guidance batch.
 """
 from __future__ import annotations
 
+import abc
 from typing import Callable
 
 import torch
@@ -35,7 +36,7 @@ class CountingModel:
         return self.model_fn(x, t, **kwargs)
 
 
-class Sampler:
+class Sampler(abc.ABC):
     """Shared bookkeeping: ``nfe`` and ``timesteps_seen`` describe the last ``sample`` call."""
 
     kind: str = ""
@@ -49,13 +50,14 @@ class Sampler:
     def timesteps_seen(self) -> list:
         return self._counter.timesteps_seen if self._counter else []
 
+    @abc.abstractmethod
     def objective(self):
         """The training objective a model must have been trained with to use this sampler."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def sample(self, model_fn, shape, model_kwargs=None, noise=None, device="cpu",
                progress=False, generator=None) -> Tensor:
-        raise NotImplementedError
+        """Samples of ``shape`` from noise; counts every ``model_fn`` call."""
 
     def _count(self, model_fn) -> CountingModel:
         self._counter = CountingModel(model_fn)
