@@ -7,7 +7,6 @@ from dataclasses import replace
 import pytest
 
 from dyncompute import flops, matching
-from dyncompute.registry import TOKENIZERS
 
 BASE = matching.DiTShape(hidden_size=64, depth=3, num_heads=4, patch_size=2, input_size=16, in_channels=4,
                          num_classes=10)
@@ -50,8 +49,6 @@ def test_compute_matched_steps_rule():
 
 
 def test_match_cli_for_a_dynamic_model(tmp_path, capsys):
-    if "dynamic_chunking" not in TOKENIZERS.names():
-        pytest.skip("the dynamic_chunking tokenizer is not registered")
     from dyncompute.cli import main
 
     gin_file = tmp_path / "tiny_dc.gin"
