@@ -6,6 +6,7 @@ import torch.nn as nn
 from timm.layers import Mlp
 
 from .attention import PackedAttention
+from .reducer import Hooks
 from .tokens import Tokens
 
 
@@ -20,12 +21,25 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), act_layer=lambda: nn.GELU(approximate="tanh"))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, h: torch.Tensor, c: torch.Tensor, tokens: Tokens) -> torch.Tensor:
-        """h: ``tokens.batched()`` layout; c: (B, D) conditioning."""
+    def forward(self, h: torch.Tensor, c: torch.Tensor, tokens: Tokens, hooks: Hooks | None = None,
+                index: int = 0) -> torch.Tensor:
+        """h: ``tokens.batched()`` layout; c: (B, D) conditioning; reducers run at ``hooks``."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
-        h = tokens.gated_add(h, gate_msa, self.attn(tokens.modulate(self.norm1(h), shift_msa, scale_msa), tokens))
-        h = tokens.gated_add(h, gate_mlp, self.mlp(tokens.modulate(self.norm2(h), shift_mlp, scale_mlp)))
-        return h
+        a = tokens.modulate(self.norm1(h), shift_msa, scale_msa)
+        a = hooks.token_op("attention", index, self.attn, a, tokens) if hooks else self.attn(a, tokens)
+        h = tokens.gated_add(h, gate_msa, a)
+        m = tokens.modulate(self.norm2(h), shift_mlp, scale_mlp)
+        m = hooks.token_op("mlp", index, self.run_mlp, m, tokens) if hooks else self.mlp(m)
+        return tokens.gated_add(h, gate_mlp, m)
+
+    def run_mlp(self, h: torch.Tensor, tokens: Tokens) -> torch.Tensor:
+        """The MLP with the (h, tokens) signature of a token hook's op."""
+        return self.mlp(h)
+
+    def modulated_input(self, h: torch.Tensor, c: torch.Tensor, tokens: Tokens) -> torch.Tensor:
+        """The attention branch's adaLN-modulated input (TeaCache's change indicator reads block 0's)."""
+        shift_msa, scale_msa = self.adaLN_modulation(c).chunk(6, dim=-1)[:2]
+        return tokens.modulate(self.norm1(h), shift_msa, scale_msa)
 
     def zero_init(self) -> None:
         nn.init.zeros_(self.adaLN_modulation[-1].weight)
@@ -41,8 +55,8 @@ class Backbone(nn.Module):
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
 
-    def forward(self, tokens: Tokens, c: torch.Tensor) -> Tokens:
+    def forward(self, tokens: Tokens, c: torch.Tensor, hooks: Hooks | None = None) -> Tokens:
         h = tokens.batched()
-        for block in self.blocks:
-            h = block(h, c, tokens)
+        for i, block in enumerate(self.blocks):
+            h = block(h, c, tokens, hooks, i)
         return tokens.with_x(h.reshape(tokens.x.shape))

@@ -225,27 +225,3 @@ def ignite_overhead_case(hidden_size=256, depth=4, num_heads=4, batch=8, steps=4
     return [BenchPair("ignite_overhead", Timed(f"ignite trainer ({label})", ignite_run, macs),
                       Timed(f"bare PyTorch loop ({label})", bare_loop, macs), target="time ratio <= 1.03",
                       check=lambda r: r["time_ratio"] <= 1.03)]
-
-
-def register_cli(sub) -> None:
-    p = sub.add_parser("bench", help="run benchmark cases (each timed against its reference)")
-    p.add_argument("cases", nargs="*", help="case names (default: all)")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--out", default="reports/bench/bench.csv")
-    p.add_argument("--list", action="store_true", help="list the case names")
-    p.set_defaults(func=_cmd_bench)
-
-
-def _cmd_bench(args) -> None:
-    if args.list:
-        from .registry import load_plugins
-
-        load_plugins()
-        print("\n".join(sorted(CASES)))
-        return
-    df = run_cases(args.cases or None, args.warmup, args.repeats, args.out, args.threads)
-    with pd.option_context("display.width", 200, "display.max_columns", 20):
-        print(df.drop(columns=["target"]).round(3).to_string(index=False))
-    print(f"wrote {args.out}")

@@ -1,25 +1,14 @@
-"""Import and export of original checkpoints (facebookresearch/DiT key names).
+"""Checkpoint key maps: load and export state dicts under another codebase's key names.
 
-``load_official_dit(state_dict, config)`` builds a `DiffusionTransformer` with the `patchify`
-tokenizer from an official DiT state dict; ``to_official_dit(model)`` writes one back.
+The machinery only; each tokenizer plugin owns its own map (facebookresearch/DiT's beside `patchify`,
+AMD-AGI/DynamicChunkingDiT's inside `dynamic_chunking`).
 """
 from __future__ import annotations
 
-import re
-
 import torch
 
-from .io import load_checkpoint
 from .model import DiffusionTransformer
 
-# official DiT name -> dyncompute name (prefix rewrite, first match wins)
-_DIT_PREFIXES = (
-    ("x_embedder.", "tokenizer.x_embedder."),
-    ("final_layer.", "tokenizer.final_layer."),
-    ("blocks.", "backbone.blocks."),
-    ("t_embedder.", "t_embedder."),
-    ("y_embedder.", "y_embedder."),
-)
 DIT_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}  # DiT-S/B/L/XL (and DC-DiT's widths)
 
 
@@ -71,51 +60,6 @@ def check_pos_embed(value: torch.Tensor, ours: torch.Tensor) -> None:
                          f"{tuple(ours.shape)}")
 
 
-def infer_dit_config(state_dict: dict, num_heads: int | None = None) -> dict:
-    """Read a DiT config off a state dict's shapes; num_heads (not in the shapes) from DiT's size table."""
-    w = state_dict["x_embedder.proj.weight"]
-    hidden, in_ch, p = w.shape[0], w.shape[1], w.shape[2]
-    out_dim = state_dict["final_layer.linear.weight"].shape[0] // (p * p)
-    depth = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k)))
-    table = state_dict["y_embedder.embedding_table.weight"].shape[0]
-    grid = int(round(state_dict["pos_embed"].shape[1] ** 0.5))
-    num_heads = num_heads or DIT_HEADS.get(hidden)
-    if num_heads is None:
-        raise ValueError(f"cannot infer num_heads for hidden size {hidden} (not a DiT S/B/L/XL); pass a config")
-    return dict(input_size=grid * p, patch_size=p, in_channels=in_ch, hidden_size=hidden, depth=depth,
-                num_heads=num_heads, num_classes=table - 1, learn_sigma=out_dim == 2 * in_ch,
-                class_dropout_prob=0.1,
-                mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / hidden)
-
-
-def build_dit(config: dict) -> DiffusionTransformer:
-    """A patchify DiffusionTransformer from a DiT-style config dict."""
-    from dyncompute_plugins.tokenizers.patchify import Patchify
-
-    c = dict(config)
-    out_channels = c["in_channels"] * (2 if c.get("learn_sigma", True) else 1)
-    tokenizer = Patchify(hidden_size=c["hidden_size"], in_channels=c["in_channels"], out_channels=out_channels,
-                         input_size=c["input_size"], patch_size=c["patch_size"])
-    return DiffusionTransformer(
-        input_size=c["input_size"], in_channels=c["in_channels"], num_classes=c["num_classes"],
-        hidden_size=c["hidden_size"], depth=c["depth"], num_heads=c["num_heads"],
-        mlp_ratio=c.get("mlp_ratio", 4.0), tokenizer=tokenizer, learn_sigma=c.get("learn_sigma", True),
-        class_dropout_prob=c.get("class_dropout_prob", 0.1),
-    )
-
-
-def load_official_dit(state_dict: dict, config: dict | None = None) -> DiffusionTransformer:
-    """Build a model from a facebookresearch/DiT state dict (original key names)."""
-    state_dict = unwrap_state_dict(state_dict)
-    model = build_dit(config or infer_dit_config(state_dict))
-    return load_renamed(model, state_dict, _DIT_PREFIXES, model.tokenizer.pos_embed)
-
-
-def to_official_dit(model: DiffusionTransformer) -> dict:
-    """Export a patchify model (no reducers) to facebookresearch/DiT key names."""
-    return export_renamed(model, _DIT_PREFIXES, model.tokenizer.pos_embed)
-
-
 def unwrap_state_dict(obj: dict) -> dict:
     """Accept a bare state dict or a training checkpoint holding one under 'ema' or 'model'; drop the
     ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes."""
@@ -126,22 +70,3 @@ def unwrap_state_dict(obj: dict) -> dict:
             obj = obj[key]
             break
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
-
-
-def read_official_dit(path, config: dict | None = None) -> DiffusionTransformer:
-    """Load e.g. DiT-XL-2-256x256.pt from a local path."""
-    return load_official_dit(load_checkpoint(path), config)
-
-
-def load_official_dcdit(state_dict: dict, config: dict | None = None, **tokenizer_kwargs) -> DiffusionTransformer:
-    """Build a DC-DiT from an AMD-AGI/DynamicChunkingDiT state dict (the dynamic_chunking plugin does it)."""
-    from dyncompute_plugins.tokenizers.dynamic_chunking.official import load_official_dcdit as load
-
-    return load(state_dict, config, **tokenizer_kwargs)
-
-
-def to_official_dcdit(model: DiffusionTransformer) -> dict:
-    """Export a dynamic_chunking model to AMD-AGI/DynamicChunkingDiT key names."""
-    from dyncompute_plugins.tokenizers.dynamic_chunking.official import to_official_dcdit as export
-
-    return export(model)

@@ -1,70 +1,25 @@
-"""The ``dyncompute`` command line: train, sample, quickstart, bench, plugins, and plugin-provided views.
+"""The ``dyncompute`` command line: argument parsing only.
 
-Modules in ``COMMAND_MODULES`` add their own sub-commands through ``register_cli(subparsers)``.
+Parsing imports no torch, so ``dyncompute --help`` answers at once; each command's handler lives in
+:mod:`dyncompute.commands` and is imported only when the command runs.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import logging
 import sys
-from pathlib import Path
-
-COMMAND_MODULES = [
-    "dyncompute.quickstart",
-    "dyncompute.bench",
-    "dyncompute.flops",
-    "dyncompute.matching",
-    "dyncompute.views",
-]
 
 
-def cmd_train(args) -> None:
-    from .engine import launch
-
-    run_dir = args.run_dir or default_run_dir(args.config)
-    steps = launch(args.config, args.bind, run_dir, backend=args.backend, nproc_per_node=args.nproc_per_node)
-    print(f"trained {steps} steps -> {run_dir}")
-
-
-def cmd_sample(args) -> None:
-    from .config import scoped
-    from .sampling import generate, load_run, save_samples
-
-    model = load_run(args.run_dir, weights=args.weights)
-    bindings = [f"generate.{k} = {v!r}" for k, v in
-                dict(num_samples=args.num_samples, sampler=args.sampler, num_steps=args.steps,
-                     cfg_scale=args.cfg_scale, seed=args.seed).items() if v is not None]
-    with scoped([], bindings + args.bind):
-        result = generate(model, progress=True)
-    files = save_samples(result.images, args.out or Path(args.run_dir) / "samples")
-    print(json.dumps({**files, "nfe": result.nfe, "num_samples": len(result.images)}))
-
-
-def cmd_plugins(args) -> None:
-    from .registry import ALL
-
-    for kind, registry in ALL.items():
-        print(f"{kind}: {', '.join(registry.names()) or '(none)'}")
-
-
-def default_run_dir(config: str) -> str:
-    return str(Path("runs") / Path(config).stem)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dyncompute", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _train(sub) -> None:
     p = sub.add_parser("train", help="train a model from a gin config (resumes an existing run dir)")
     p.add_argument("config", help="gin file")
     p.add_argument("--run-dir", help="output directory (default runs/<config name>)")
     p.add_argument("--bind", "-b", action="append", default=[], help="extra gin binding, repeatable")
     p.add_argument("--backend", choices=["nccl", "gloo"], help="ignite.distributed backend (default: one process)")
     p.add_argument("--nproc-per-node", type=int, help="processes to spawn on this node (with --backend)")
-    p.set_defaults(func=cmd_train)
 
+
+def _sample(sub) -> None:
     p = sub.add_parser("sample", help="sample a trained run: PNG grid + ADM-style .npz")
     p.add_argument("run_dir")
     p.add_argument("--num-samples", "-n", type=int)
@@ -75,21 +30,97 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="ema", choices=["ema", "model"])
     p.add_argument("--out", help="output folder (default RUN_DIR/samples)")
     p.add_argument("--bind", "-b", action="append", default=[], help="extra gin binding, repeatable")
-    p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("plugins", help="list the registered plugins of every kind")
-    p.set_defaults(func=cmd_plugins)
 
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register_cli(sub)
+def _plugins(sub) -> None:
+    sub.add_parser("plugins", help="list the registered plugins of every kind")
+
+
+def _quickstart(sub) -> None:
+    p = sub.add_parser("quickstart", help="train tiny models on the built-in data, sample, write a report")
+    p.add_argument("--out", default="reports/quickstart")
+    p.add_argument("--runs", default="runs/quickstart")
+    p.add_argument("--steps", type=int, help="override the training steps of every model")
+    p.add_argument("--num-samples", type=int, default=32)
+
+
+def _bench(sub) -> None:
+    p = sub.add_parser("bench", help="run benchmark cases (each timed against its reference)")
+    p.add_argument("cases", nargs="*", help="case names (default: all)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--out", default="reports/bench/bench.csv")
+    p.add_argument("--list", action="store_true", help="list the case names")
+
+
+def _flops(sub) -> None:
+    p = sub.add_parser("flops", help="exact MACs/FLOPs per forward (useful, executed, by component) and per image")
+    p.add_argument("config", help="gin file")
+    p.add_argument("bindings", nargs="*", help="extra gin bindings")
+    p.add_argument("--bind", "-b", action="append", default=[], help="extra gin binding, repeatable")
+    p.add_argument("--samples", type=int, help="measured inputs (default: 1 when the tokenizer takes no budget "
+                   "keywords and there are no reducers, else 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=3, help="timed forwards for the wall-clock (0: none)")
+    p.add_argument("--trajectory", action="store_true", help="also count a whole sampling trajectory")
+    p.add_argument("--sampler", default="ddpm")
+    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--cfg-scale", type=float, default=1.0)
+    p.add_argument("--images", type=int, default=2, help="images sampled for the trajectory count")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _match(sub) -> None:
+    p = sub.add_parser("match", help="iso-FLOP / iso-param DiT baselines of a config, compute-matched steps")
+    p.add_argument("config", help="gin file of the model to match")
+    p.add_argument("bindings", nargs="*", help="extra gin bindings")
+    p.add_argument("--bind", "-b", action="append", default=[], help="extra gin binding, repeatable")
+    p.add_argument("--patch-size", type=int, default=2, help="patch size of the DiT baselines")
+    p.add_argument("--by", choices=["auto", "depth", "width"], default="auto",
+                   help="choose the depth (same width), the width (fixed depth), or depth then width")
+    p.add_argument("--depth", type=int, help="fixed depth for --by width (default: the config's)")
+    p.add_argument("--tol", type=float, default=0.02)
+    p.add_argument("--samples", type=int, default=8, help="real inputs the MACs are measured on")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", help="weights for the measured model (run dir or checkpoint file)")
+    p.add_argument("--backbone-tokens", type=int, help="count the backbone at this many tokens per sample")
+    p.add_argument("--dit-steps", type=float, help="S_DiT: also report the compute-matched training length")
+    p.add_argument("--warm-steps", type=float, default=0.0, help="S_warm: warm-up steps at the first budget")
+    p.add_argument("--budgets", help="comma-separated budget values (default: the tokenizer's budget set)")
+    p.add_argument("--budget-key", help="budget keyword (default: the tokenizer's first)")
+    p.add_argument("--json", action="store_true")
+
+
+def _views(sub) -> None:
+    p = sub.add_parser("views", help="boundary maps and tokens kept vs timestep over a sampling trajectory")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="output folder (default RUN_DIR/views)")
+    p.add_argument("--num-samples", type=int, default=8)
+    p.add_argument("--steps", type=int, default=25, help="sampling steps")
+    p.add_argument("--sampler", default="ddim")
+    p.add_argument("--weights", default="ema", help="ema or model")
+
+
+COMMANDS = [_train, _sample, _plugins, _quickstart, _bench, _flops, _match, _views]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dyncompute", description="A research framework for dynamic-compute "
+                                     "diffusion transformers: train, sample, count and compare.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.getLogger("ignite").setLevel(logging.WARNING)  # ignite narrates every launch at INFO
+    from . import commands
+
     try:
-        args.func(args)
+        getattr(commands, args.command)(args)
     except (ValueError, FileNotFoundError, KeyError, TypeError, RuntimeError) as e:
         print(f"dyncompute {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ from typing import Iterable
 
 import gin
 
+from .model import DiffusionTransformer
 from .registry import load_plugins
 
 # gin `include` paths resolve against the gin file's folder and the project root
@@ -25,19 +26,23 @@ class _QuietSearchMisses(logging.Filter):
 logging.getLogger().addFilter(_QuietSearchMisses())
 
 
+# Configurables of the layers above the model (trainer, sampler): a parse that only rebuilds the model
+# skips their bindings; any other unknown name is still an error.
+RUN_CONFIGURABLES = ["train", "generate"]
+
+
 class ConfigError(ValueError):
     """A gin file or binding that cannot be parsed or does not match a configurable."""
 
 
-def _import_configurables() -> None:
-    """Everything that can appear in a gin file must be imported before parsing."""
+def parse(files: Iterable[str | Path] = (), bindings: Iterable[str] = (), skip_unknown: bool | list = False) -> None:
+    """Parse gin files then bindings (later bindings win); errors name the file or binding.
+
+    Plugins and the model are registered here; a caller that reads other configurables (the trainer's
+    ``train``, the sampler's ``generate``) has imported their modules already. ``skip_unknown`` (a list
+    of names, or True for all) ignores bindings of configurables not imported.
+    """
     load_plugins()
-    from . import engine, model, sampling  # noqa: F401  (register their gin configurables)
-
-
-def parse(files: Iterable[str | Path] = (), bindings: Iterable[str] = ()) -> None:
-    """Parse gin files then bindings (later bindings win); errors name the file or binding."""
-    _import_configurables()
     gin.add_config_file_search_path(str(PROJECT_ROOT))
     for f in files:
         path = Path(f)
@@ -45,22 +50,33 @@ def parse(files: Iterable[str | Path] = (), bindings: Iterable[str] = ()) -> Non
             raise ConfigError(f"gin file not found: {path}")
         gin.add_config_file_search_path(str(path.resolve().parent))
         try:
-            gin.parse_config_file(str(path))
+            gin.parse_config_file(str(path), skip_unknown=skip_unknown)
         except Exception as e:  # gin raises SyntaxError/ValueError/KeyError variants
             raise ConfigError(f"malformed gin file {path}: {e}") from e
     for b in bindings:
         try:
-            gin.parse_config(b)
+            gin.parse_config(b, skip_unknown=skip_unknown)
         except Exception as e:
             raise ConfigError(f"bad gin binding {b!r}: {e}") from e
 
 
 @contextlib.contextmanager
-def scoped(files: Iterable[str | Path] = (), bindings: Iterable[str] = ()):
+def scoped(files: Iterable[str | Path] = (), bindings: Iterable[str] = (), skip_unknown: bool | list = False):
     """Parse a config for the duration of a block, restoring an empty gin state after it."""
     gin.clear_config()
     try:
-        parse(files, bindings)
+        parse(files, bindings, skip_unknown)
         yield
     finally:
         gin.clear_config()
+
+
+def build_model(config: str | Path, bindings: Iterable[str] = ()):
+    """The `DiffusionTransformer` a gin file configures, and the file's latent folder (if it names one)."""
+    with scoped([config], bindings, skip_unknown=RUN_CONFIGURABLES):
+        model = DiffusionTransformer()
+        try:
+            root = gin.query_parameter("datasets.latent_folder.root")
+        except (ValueError, KeyError):
+            root = None
+    return model, root

@@ -15,21 +15,16 @@ import ignite.distributed as idist
 import pandas as pd
 import torch
 from ignite.engine import Engine, Events
-from ignite.handlers import Checkpoint, DiskSaver, EMAHandler, ProgressBar, TerminateOnNan
+from ignite.handlers import Checkpoint, DiskSaver, EMAHandler, TerminateOnNan
+from tqdm.auto import tqdm
 
+from .config import scoped
 from .diffusion import make_objective
 from .io import atomic_write, atomic_write_text, load_checkpoint
 from .model import DiffusionTransformer
+from .observe import Infos, Observed
 from .registry import DATASETS
-
-CHECKPOINT_DIR = "checkpoints"
-METRICS_FILE = "metrics.csv"
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return idist.device()
-    return torch.device(device)
+from .runs import CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, checkpoint_step, latest_checkpoint, resolve_device
 
 
 class SampleStream(torch.utils.data.Sampler):
@@ -85,16 +80,13 @@ class TrainStep:
         x = batch["x"].to(self.device, non_blocking=True)
         y = batch["y"].to(self.device, non_blocking=True)
         t = self.objective.sample_timesteps(x.shape[0], device=self.device)
-        infos = []
-
-        def model_fn(x_t, t_, **kw):
-            out, info = self.model(x_t, t_, return_info=True, **kw)
-            infos.append(info)
-            return out
-
+        infos = Infos()
+        budget = engine.state.budget  # this step's budget (`MultiBudget`)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            terms = self.objective.training_losses(model_fn, x, t, model_kwargs={"y": y})
-            aux = dict(infos[0].aux_losses)
+            terms = self.objective.training_losses(Observed(self.model, [infos]), x, t,
+                                                   model_kwargs={"y": y, **budget})
+            info = infos.infos[0]
+            aux = dict(info.aux_losses)
             loss = terms["loss"].mean() + sum(aux.values(), torch.zeros((), device=self.device))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -103,12 +95,36 @@ class TrainStep:
         out = {"loss": loss.item(), "grad_norm": grad_norm.item()}
         out.update({k: v.mean().item() for k, v in terms.items() if k != "loss"})
         out.update({f"aux_{k}": v.item() for k, v in aux.items()})
-        out["tokens_per_sample"] = sum(infos[0].tokens_per_sample) / len(infos[0].tokens_per_sample)
+        out["tokens_per_sample"] = sum(info.tokens_per_sample) / len(info.tokens_per_sample)
+        out.update({k: float(v) for k, v in budget.items()})
         return out
 
 
-def create_trainer(model, objective, optimizer, grad_clip: float = 1.0, device="cpu", amp: bool = False) -> Engine:
+class MultiBudget:
+    """Multi-budget training: each step's budget drawn from a set (e.g. DC-DiT's tail-drop fractions).
+
+    The draw of step s is seeded by s alone, so every rank draws the same budget and a resumed run
+    draws what an uninterrupted one would; the first ``warmup`` steps train at the default budget.
+    """
+
+    def __init__(self, budgets: tuple[dict, ...] = (), warmup: int = 0):
+        self.budgets, self.warmup = tuple(budgets), warmup
+
+    def draw(self, step: int) -> dict:
+        if not self.budgets or step < self.warmup:
+            return {}
+        g = torch.Generator().manual_seed(step)
+        return dict(self.budgets[int(torch.randint(len(self.budgets), (1,), generator=g))])
+
+    def __call__(self, engine: Engine) -> None:
+        engine.state.budget = self.draw(engine.state.iteration - 1)
+
+
+def create_trainer(model, objective, optimizer, grad_clip: float = 1.0, device="cpu", amp: bool = False,
+                   budgets: tuple[tuple[dict, ...], int] = ((), 0)) -> Engine:
+    """The ignite trainer: one `TrainStep` per iteration, a per-step budget, a NaN guard."""
     trainer = Engine(TrainStep(model, objective, optimizer, grad_clip, torch.device(device), amp))
+    trainer.add_event_handler(Events.ITERATION_STARTED, MultiBudget(*budgets))
     trainer.add_event_handler(Events.ITERATION_COMPLETED, TerminateOnNan(lambda out: out["loss"]))
     return trainer
 
@@ -163,7 +179,7 @@ def train(
     run_dir = Path(run_dir)
     (run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
     if idist.get_rank() == 0:
-        atomic_write_text(gin.config_str(), run_dir / "config.gin")
+        atomic_write_text(gin.config_str(), run_dir / CONFIG_FILE)
     torch.manual_seed(seed)
     dev = resolve_device(device)
     data = DATASETS.build(dataset)
@@ -171,12 +187,12 @@ def train(
     if (data.channels, data.size) != (model.in_channels, model.input_size):
         raise ValueError(f"dataset gives {data.channels}x{data.size}x{data.size} images but the model expects "
                          f"{model.in_channels}x{model.input_size}x{model.input_size}")
-    obj = make_objective(objective, **({"learn_sigma": model.learn_sigma} if objective == "gaussian" else {}))
+    obj = make_objective(objective, learn_sigma=model.learn_sigma)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     holder: dict = {}  # the sample stream reads the trainer's position when an iterator starts
     loader = build_loader(data, batch_size, seed, lambda: holder["trainer"].state.iteration, num_workers, dev)
     trainer = create_trainer(idist.auto_model(model), obj, idist.auto_optim(optimizer), grad_clip, dev,
-                             amp=dev.type == "cuda")
+                             amp=dev.type == "cuda", budgets=model.tokenizer.training_budgets())
     holder["trainer"] = trainer
     torch.manual_seed(seed + idist.get_rank())  # ranks share the init (DDP broadcasts it), not the noise
     ema = EMAHandler(model, momentum=1.0 - ema_decay)
@@ -223,14 +239,33 @@ def _attach_logging(trainer: Engine, run_dir: Path, log_every: int, progress: bo
         trainer.add_event_handler(Events.ITERATION_COMPLETED(once=1), lambda _: atomic_write_text(
             gin.operative_config_str(), run_dir / "operative_config.gin"))
     if progress:
-        ProgressBar(persist=False).attach(trainer, output_transform=lambda out: {"loss": out["loss"]})
+        StepProgress().attach(trainer)
     return metrics
 
 
-def _train_from_config(local_rank: int, config: str, bindings: list[str], run_dir: str) -> None:
-    from .config import scoped  # gin state is per process: every worker parses the config itself
+class StepProgress:
+    """One progress bar over the whole run in optimisation steps (ignite's `ProgressBar` counts
+    iterations within an epoch, and the endless sample stream has no epochs worth showing)."""
 
-    with scoped([config], bindings):
+    def attach(self, trainer: Engine) -> None:
+        trainer.add_event_handler(Events.STARTED, self._open)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self._update)
+        trainer.add_event_handler(Events.COMPLETED | Events.TERMINATE, self._close)
+
+    def _open(self, engine: Engine) -> None:
+        self.bar = tqdm(total=engine.state.max_iters, initial=engine.state.iteration, desc="train", unit="step",
+                        leave=False, dynamic_ncols=True)
+
+    def _update(self, engine: Engine) -> None:
+        self.bar.set_postfix(loss=f"{engine.state.output['loss']:.4f}", refresh=False)
+        self.bar.update(engine.state.iteration - self.bar.n)
+
+    def _close(self, engine: Engine) -> None:
+        self.bar.close()
+
+
+def _train_from_config(local_rank: int, config: str, bindings: list[str], run_dir: str) -> None:
+    with scoped([config], bindings):  # gin state is per process: every worker parses the config itself
         train(run_dir, progress=idist.get_rank() == 0)
 
 
@@ -243,7 +278,7 @@ def launch(config: str, bindings: list[str], run_dir: str, backend: str | None =
     with idist.Parallel(backend=backend, nproc_per_node=nproc_per_node) as parallel:
         parallel.run(_train_from_config, config, list(bindings), run_dir)
     last = latest_checkpoint(run_dir)
-    return int(last.stem.rsplit("_", 1)[-1]) if last else 0
+    return checkpoint_step(last) if last else 0
 
 
 def _attach_lr_warmup(trainer: Engine, optimizer, lr: float, warmup_steps: int) -> None:
@@ -257,7 +292,15 @@ def _attach_lr_warmup(trainer: Engine, optimizer, lr: float, warmup_steps: int) 
         engine.state.lr = optimizer.param_groups[0]["lr"]
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    ckpts = sorted((Path(run_dir) / CHECKPOINT_DIR).glob("checkpoint_*.pt"),
-                   key=lambda p: int(p.stem.rsplit("_", 1)[-1]))
-    return ckpts[-1] if ckpts else None
+def run_objective(run_dir: str | Path) -> str:
+    """The training objective a run directory's config names (``train.objective``)."""
+    with scoped([Path(run_dir) / CONFIG_FILE]):
+        return gin.query_parameter("train.objective") if _is_bound("train.objective") else "gaussian"
+
+
+def _is_bound(name: str) -> bool:
+    try:
+        gin.query_parameter(name)
+        return True
+    except ValueError:
+        return False

@@ -10,8 +10,8 @@ How the count is made
   convention), ``baddbmm``, cosine similarity and vector norms. Elementwise work (activations,
   residual adds, adaLN modulation, softmax), reductions, indexing and RNG are zero by the same
   convention as DiT's numbers: they are on the explicit list :data:`IGNORED_OPS`. Any other operator
-  without a handle is *reported* (``unsupported_ops``), never silently zero. A plugin may list its
-  own zero-MAC custom ops (e.g. a straight-through ``prim::PythonOp``) in ``flop_ignored_ops``.
+  without a handle is *reported* (``unsupported_ops``), never silently zero. A tokenizer or reducer
+  lists its own zero-MAC custom ops (e.g. a straight-through ``prim::PythonOp``) in ``flop_ignored_ops``.
 - Packed variable-length attention is counted on the real lengths: while counting, the per-sample
   SDPA path of :mod:`dyncompute.attention` is used (flash-attn's varlen kernel is switched off; it
   does the same H · Σ_b L_b² · d work per Q Kᵀ and per A V), so each sample's attention is traced at
@@ -20,10 +20,8 @@ How the count is made
   only: each sample counted alone, where nothing is padded. Padding only arises between samples of
   unequal length, so equal-length batches (static patchify) have useful == executed.
 - Per component: fvcore's per-module counts are mapped to components by module name. The model
-  maps its own parts (embedders, backbone); a tokenizer (or reducer) may declare
-  ``flop_components = {submodule prefix: component}`` (``""`` is the module itself); without one,
-  submodules named like the paper's parts (``encoder``, ``router``, ``dechunker``, ``decoder``,
-  ``final_layer``, ``x_embedder``/``stem``) take those components and others keep their own name.
+  maps its own parts (embedders, backbone); the tokenizer and each reducer declare theirs
+  (``flop_components = {submodule prefix: component}``, ``""`` being the plugin itself).
 - Over a trajectory (:mod:`dyncompute.trajectory`), `TrajectoryRecorder` records every evaluation's real per-sample backbone lengths
   (and CFG branch, budgets, skipped backbones) without touching the sampler. A sample's cost is a
   function of its backbone length L: the backbone part is counted exactly at any L on synthetic
@@ -33,9 +31,7 @@ How the count is made
 from __future__ import annotations
 
 import contextlib
-import json
 import statistics
-import sys
 import time
 import warnings
 from collections import Counter
@@ -53,6 +49,7 @@ with warnings.catch_warnings():  # fvcore's import touches the deprecated torch.
     from fvcore.nn.jit_handles import get_shape, norm_flop_counter
 
 from . import attention
+from .observe import Infos, Observed
 from .tokens import Tokens
 
 # --------------------------------------------------------------------------- operator handles
@@ -123,32 +120,30 @@ IGNORED_OPS = frozenset({
 
 # --------------------------------------------------------------------------- components
 
-COMPONENTS = ("embeddings", "encoder", "router", "chunk", "backbone", "de-chunk", "decoder", "final layer")
-MODEL_COMPONENTS = {"t_embedder": "embeddings", "y_embedder": "embeddings", "backbone": "backbone",
-                    "": "other"}
-# Submodule names in the paper's words, used when a tokenizer declares no ``flop_components``.
-NAMED_PARTS = {"x_embedder": "embeddings", "stem": "embeddings", "embedder": "embeddings",
-               "encoder": "encoder", "router": "router", "chunker": "chunk", "chunk": "chunk",
-               "dechunker": "de-chunk", "dechunk": "de-chunk", "decoder": "decoder",
-               "final_layer": "final layer"}
+MODEL_COMPONENTS = {"t_embedder": "embeddings", "y_embedder": "embeddings", "backbone": "backbone", "": "other"}
 
 
 def component_map(model: nn.Module) -> dict[str, str]:
-    """{module-name prefix: component} for a `DiffusionTransformer` (longest prefix wins)."""
+    """{module-name prefix: component} for a `DiffusionTransformer` (longest prefix wins).
+
+    The model names its own parts; the tokenizer and each reducer declare theirs (``flop_components``);
+    what a plugin leaves undeclared is counted under "tokenizer" or "reducer:<name>".
+    """
     cmap = dict(MODEL_COMPONENTS)
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is not None:
-        declared = getattr(tokenizer, "flop_components", None)
-        cmap["tokenizer"] = "tokenizer"
-        if declared is None:
-            declared = {name: NAMED_PARTS.get(name, f"tokenizer.{name}") for name, _ in tokenizer.named_children()}
-        cmap.update({_join("tokenizer", k): v for k, v in declared.items()})
-    for i, reducer in enumerate(getattr(model, "reducers", ())):
-        label = f"reducer:{type(reducer).__name__}"
-        cmap[f"reducers.{i}"] = label
-        for k, v in (getattr(reducer, "flop_components", None) or {}).items():
-            cmap[_join(f"reducers.{i}", k)] = v
+    cmap["tokenizer"] = "tokenizer"
+    cmap.update({_join("tokenizer", k): v for k, v in model.tokenizer.flop_components.items()})
+    for i, reducer in enumerate(model.reducers):
+        cmap[f"reducers.{i}"] = f"reducer:{reducer.name or type(reducer).__name__}"
+        cmap.update({_join(f"reducers.{i}", k): v for k, v in reducer.flop_components.items()})
     return cmap
+
+
+def component_names(model: nn.Module) -> list[str]:
+    """Components in data-flow order (the tokenizer's ``flop_order``, else DiT's: embeddings, its own
+    parts, backbone, final layer)."""
+    declared = list(dict.fromkeys(model.tokenizer.flop_components.values()))
+    order = list(model.tokenizer.flop_order) or ["embeddings", *declared, "backbone", "final layer"]
+    return list(dict.fromkeys([*order, *declared]))
 
 
 def _join(prefix: str, name: str) -> str:
@@ -164,7 +159,7 @@ def _component_of(name: str, cmap: dict[str, str]) -> str:
 def components_from_modules(model: nn.Module, module_counts: dict[str, int]) -> dict[str, int]:
     """Sum each module's *own* count (its total minus its children's) into its component."""
     cmap = component_map(model)
-    out = {c: 0 for c in COMPONENTS}
+    out = {c: 0 for c in component_names(model)}
     for name, module in model.named_modules():
         own = module_counts.get(name, 0) - sum(module_counts.get(_join(name, c), 0) for c, _ in module.named_children())
         if own:
@@ -175,7 +170,7 @@ def components_from_modules(model: nn.Module, module_counts: dict[str, int]) -> 
 
 def params_by_component(model: nn.Module) -> dict[str, int]:
     cmap = component_map(model)
-    out = {c: 0 for c in COMPONENTS}
+    out = {c: 0 for c in component_names(model)}
     for name, p in model.named_parameters():
         comp = _component_of(name.rpartition(".")[0], cmap)
         out[comp] = out.get(comp, 0) + p.numel()
@@ -200,16 +195,19 @@ class Trace:
 
 
 class _Call(nn.Module):
-    """fvcore traces positional tensors only: this binds the budget keywords and records lengths."""
+    """fvcore traces positional tensors only: this binds the budget keywords; the evaluation is
+    observed like any other (`dyncompute.observe`) to read the backbone lengths it reports."""
 
     def __init__(self, model: nn.Module, budget: dict):
         super().__init__()
-        self.model, self.budget, self.lengths = model, budget, []
+        self.model, self.budget, self.infos = model, budget, Infos()
 
     def forward(self, x, t, y):
-        out, info = self.model(x, t, y, return_info=True, **self.budget)
-        self.lengths = list(info.tokens_per_sample)
-        return out
+        return Observed(self.model, [self.infos])(x, t, y=y, **self.budget)
+
+    @property
+    def lengths(self) -> list[int]:
+        return list(self.infos.infos[-1].tokens_per_sample) if self.infos.infos else []
 
 
 class _CallBackbone(nn.Module):
@@ -238,7 +236,8 @@ def counting(model: nn.Module):
 
 def _analysis(module: nn.Module, inputs: tuple, owner: nn.Module) -> FlopCountAnalysis:
     fa = FlopCountAnalysis(module, inputs).set_op_handle(**OP_HANDLES)
-    ignored = set(IGNORED_OPS) | {op for m in owner.modules() for op in getattr(m, "flop_ignored_ops", ())}
+    # the tokenizer and reducers declare theirs; any other module may carry the same attribute
+    ignored = set(IGNORED_OPS).union(*(getattr(m, "flop_ignored_ops", ()) for m in owner.modules()))
     fa.set_op_handle(**{op: None for op in ignored})
     return fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
 
@@ -258,8 +257,7 @@ def trace_forward(model: nn.Module, x, t, y, budget: dict | None = None) -> Trac
 
 def backbone_macs(model: nn.Module, length: int) -> int:
     """Exact MACs of ``model.backbone`` on one sample of ``length`` synthetic tokens."""
-    width = model.backbone.blocks[0].norm1.normalized_shape[0]
-    cond = model.t_embedder.mlp[-1].out_features
+    width = cond = model.config.hidden_size
     tokens = Tokens.from_lengths(torch.zeros(length, width), [length], torch.zeros(length, 2, dtype=torch.long))
     dev = _device(model)
     tokens = Tokens(tokens.x.to(dev), tokens.cu_seqlens.to(dev), tokens.pos.to(dev), tokens.batch.to(dev),
@@ -469,71 +467,3 @@ def forward_columns(model: nn.Module, num_inputs: int = 4, seed: int = 0) -> dic
         "per_forward_wall_ms_per_image": fwd.wall_ms / fwd.batch_size,
         "params": fwd.params,
     }
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def build_configured_model(config: str, bindings=()):
-    """The configured `DiffusionTransformer` and the config's latent folder (if it names one)."""
-    import gin
-
-    from .config import scoped
-    from .model import DiffusionTransformer
-
-    with scoped([config], bindings):
-        model = DiffusionTransformer()
-        try:
-            root = gin.query_parameter("datasets.latent_folder.root")
-        except (ValueError, KeyError):
-            root = None
-    return model, root
-
-
-def register_cli(sub) -> None:
-    p = sub.add_parser("flops", help="exact MACs/FLOPs per forward (useful, executed, by component) and per image")
-    p.add_argument("config", help="gin file")
-    p.add_argument("bindings", nargs="*", help="extra gin bindings")
-    p.add_argument("--bind", "-b", action="append", default=[], help="extra gin binding, repeatable")
-    p.add_argument("--samples", type=int, help="measured inputs (default: 1 when the tokenizer takes no budget "
-                   "keywords and there are no reducers, else 8)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=3, help="timed forwards for the wall-clock (0: none)")
-    p.add_argument("--trajectory", action="store_true", help="also count a whole sampling trajectory")
-    p.add_argument("--sampler", default="ddpm")
-    p.add_argument("--steps", type=int, default=250)
-    p.add_argument("--cfg-scale", type=float, default=1.0)
-    p.add_argument("--images", type=int, default=2, help="images sampled for the trajectory count")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_cmd_flops)
-
-
-def _cmd_flops(args) -> None:
-    model, root = build_configured_model(args.config, [*args.bindings, *args.bind])
-    static = not getattr(model.tokenizer, "budget_keys", ()) and not len(model.reducers)
-    n = args.samples or (1 if static else 8)
-    fwd = count_forward(model, *measurement_inputs(model, n, args.seed, root), time_repeats=args.repeats)
-    out = {"config": args.config, **fwd.to_dict()}
-    traj = None
-    if args.trajectory:
-        from .trajectory import count_trajectory
-
-        traj, _ = count_trajectory(model, args.images, args.sampler, args.steps, args.cfg_scale, seed=args.seed)
-        out["trajectory"] = {"sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg_scale,
-                             **traj.to_dict()}
-    if fwd.unsupported_ops:
-        print(f"warning: operators without a MAC handle (counted as 0): {fwd.unsupported_ops}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(out, default=float))
-        return
-    per = out
-    print(f"{args.config}: {per['useful_macs'] / 1e9:.3f} GMACs useful, {per['executed_macs'] / 1e9:.3f} GMACs "
-          f"executed, {per['flops'] / 1e9:.3f} GFLOPs (= 2 x MACs) per image per forward; "
-          f"{fwd.params / 1e6:.2f} M params; mean tokens/sample {sum(fwd.tokens_per_sample) / n:.1f} over {n} inputs"
-          + (f"; {per['wall_ms_per_forward']:.1f} ms/image forward" if fwd.wall_ms else ""))
-    with pd.option_context("display.width", 200, "display.max_columns", 20):
-        print(fwd.table().round(4).to_string(index=False))
-        if traj is not None:
-            print(f"trajectory ({args.sampler}, {args.steps} steps, cfg {args.cfg_scale}): NFE {traj.nfe}, "
-                  f"{traj.useful_macs_per_image / 1e9:.2f} GMACs = {traj.flops_per_image / 1e12:.4f} TFLOPs per image")
-            print(traj.steps.round(4).to_string(index=False, max_rows=20))

@@ -24,9 +24,11 @@ from functools import lru_cache
 import pandas as pd
 import torch
 
-from .flops import build_configured_model, count_forward, count_parameters, measurement_inputs, split_rows, trace_forward
+from .config import build_model
+from .flops import count_forward, count_parameters, measurement_inputs, split_rows, trace_forward
+from .model import ModelConfig
+from .runs import load_weights
 from .trajectory import SampleCost
-from .registry import TOKENIZERS
 
 
 @dataclass(frozen=True)
@@ -47,17 +49,14 @@ class DiTShape:
     def name(self) -> str:
         return f"DiT(D={self.hidden_size}, depth={self.depth}, heads={self.num_heads})/{self.patch_size}"
 
-    def build(self):
-        from .model import DiffusionTransformer
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(input_size=self.input_size, in_channels=self.in_channels, num_classes=self.num_classes,
+                           hidden_size=self.hidden_size, depth=self.depth, num_heads=self.num_heads,
+                           mlp_ratio=self.mlp_ratio, learn_sigma=self.learn_sigma, tokenizer="patchify",
+                           tokenizer_kwargs={"patch_size": self.patch_size})
 
-        out_channels = self.in_channels * (2 if self.learn_sigma else 1)
-        tokenizer = TOKENIZERS.build("patchify", hidden_size=self.hidden_size, in_channels=self.in_channels,
-                                     out_channels=out_channels, input_size=self.input_size,
-                                     cond_dim=self.hidden_size, patch_size=self.patch_size)
-        return DiffusionTransformer(input_size=self.input_size, in_channels=self.in_channels,
-                                    num_classes=self.num_classes, hidden_size=self.hidden_size, depth=self.depth,
-                                    num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, tokenizer=tokenizer,
-                                    learn_sigma=self.learn_sigma)
+    def build(self):
+        return self.model_config().build()
 
 
 @lru_cache(maxsize=256)
@@ -192,12 +191,10 @@ def measure(model, num_inputs: int = 8, seed: int = 0, latent_root: str | None =
 
 def base_shape(model, patch_size: int = 2) -> DiTShape:
     """The DiT with the model's width, depth, heads, data shape and output as a search start."""
-    blocks = model.backbone.blocks
-    return DiTShape(hidden_size=blocks[0].norm1.normalized_shape[0], depth=len(blocks),
-                    num_heads=blocks[0].attn.num_heads, patch_size=patch_size,
-                    mlp_ratio=blocks[0].mlp.fc1.out_features / blocks[0].norm1.normalized_shape[0],
-                    input_size=model.input_size, in_channels=model.in_channels, num_classes=model.num_classes,
-                    learn_sigma=model.learn_sigma)
+    c = model.config
+    return DiTShape(hidden_size=c.hidden_size, depth=c.depth, num_heads=c.num_heads, patch_size=patch_size,
+                    mlp_ratio=c.mlp_ratio, input_size=c.input_size, in_channels=c.in_channels,
+                    num_classes=c.num_classes, learn_sigma=c.learn_sigma)
 
 
 def compute_matched_steps(dit_steps: float, dit_cost: float, warm_steps: float, warm_cost: float,
@@ -213,48 +210,11 @@ def budget_costs(model, key: str, values, num_inputs: int = 8, seed: int = 0, la
     return {v: measure(model, num_inputs, seed, latent_root, **{key: v}).macs for v in values}
 
 
-# --------------------------------------------------------------------------- CLI
-
-
-def register_cli(sub) -> None:
-    p = sub.add_parser("match", help="iso-FLOP / iso-param DiT baselines of a config, compute-matched steps")
-    p.add_argument("config", help="gin file of the model to match")
-    p.add_argument("bindings", nargs="*", help="extra gin bindings")
-    p.add_argument("--bind", "-b", action="append", default=[], help="extra gin binding, repeatable")
-    p.add_argument("--patch-size", type=int, default=2, help="patch size of the DiT baselines")
-    p.add_argument("--by", choices=["auto", "depth", "width"], default="auto",
-                   help="choose the depth (same width), the width (fixed depth), or depth then width")
-    p.add_argument("--depth", type=int, help="fixed depth for --by width (default: the config's)")
-    p.add_argument("--tol", type=float, default=0.02)
-    p.add_argument("--samples", type=int, default=8, help="real inputs the MACs are measured on")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint", help="weights for the measured model (run dir or checkpoint file)")
-    p.add_argument("--backbone-tokens", type=int, help="count the backbone at this many tokens per sample")
-    p.add_argument("--dit-steps", type=float, help="S_DiT: also report the compute-matched training length")
-    p.add_argument("--warm-steps", type=float, default=0.0, help="S_warm: warm-up steps at the first budget")
-    p.add_argument("--budgets", help="comma-separated budget values (default: the tokenizer's budget_set)")
-    p.add_argument("--budget-key", help="budget keyword (default: the tokenizer's first)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cmd_match)
-
-
-def load_weights(model, path: str) -> None:
-    """EMA weights (else online) from a run directory's latest checkpoint or a checkpoint file."""
-    from pathlib import Path
-
-    from .engine import latest_checkpoint
-    from .io import load_checkpoint
-
-    ckpt = latest_checkpoint(path) if Path(path).is_dir() else Path(path)
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint in {path}")
-    state = load_checkpoint(ckpt)
-    state = state.get("ema", state.get("model", state))
-    model.load_state_dict(state)
+# --------------------------------------------------------------------------- the `dyncompute match` command
 
 
 def run_match(args) -> dict:
-    model, root = build_configured_model(args.config, [*args.bindings, *args.bind])
+    model, root = build_model(args.config, [*args.bindings, *args.bind])
     if args.checkpoint:
         load_weights(model, args.checkpoint)
     src = measure(model, args.samples, args.seed, root, args.backbone_tokens)
@@ -278,7 +238,7 @@ def _match_dict(m: Match, tol: float) -> dict:
 def _steps(model, args, root, base: DiTShape) -> dict:
     key = args.budget_key or (model.tokenizer.budget_keys[0] if model.tokenizer.budget_keys else None)
     values = ([float(v) for v in args.budgets.split(",")] if args.budgets
-              else list(getattr(model.tokenizer, "budget_set", ())))
+              else [b[key] for b in model.tokenizer.training_budgets()[0] if key in b])
     if key is None or not values:
         raise ValueError("compute-matched steps need a budget keyword and a budget set (--budget-key, --budgets)")
     costs = budget_costs(model, key, values, args.samples, args.seed, root)
@@ -290,7 +250,7 @@ def _steps(model, args, root, base: DiTShape) -> dict:
             "S_DC": compute_matched_steps(args.dit_steps, f_dit, args.warm_steps, f0, f_mean)}
 
 
-def _table(out: dict) -> pd.DataFrame:
+def match_table(out: dict) -> pd.DataFrame:
     src = out["source"]
     rows = [{"model": out["config"], "useful_GMACs": src["macs"] / 1e9, "GFLOPs": 2 * src["macs"] / 1e9,
              "params_M": src["params"] / 1e6, "tokens/sample": src["tokens_per_sample"], "error_%": None}]
@@ -301,23 +261,3 @@ def _table(out: dict) -> pd.DataFrame:
                      "tokens/sample": (m["shape"]["input_size"] // m["shape"]["patch_size"]) ** 2,
                      "error_%": 100 * m["error"]})
     return pd.DataFrame(rows)
-
-
-def _cmd_match(args) -> None:
-    out = run_match(args)
-    if args.json:
-        print(json.dumps(out, default=float))
-        return
-    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 60):
-        print(_table(out).round(3).to_string(index=False))
-    if out["source"]["note"]:
-        print(f"note: {out['source']['note']}")
-    for label in ("iso_flop", "iso_param"):
-        m = out[label]
-        print(f"{label}: matched {m['matched_on']} by {m['by']}, error {100 * m['error']:+.2f}% "
-              f"({'within' if m['within_tol'] else 'NOT within'} {100 * out['tol']:.0f}%)")
-    if "compute_matched" in out:
-        c = out["compute_matched"]
-        print(f"compute-matched steps: S_DC = {c['S_warm']:.0f} + ({c['S_DiT']:.0f} x {c['F_DiT'] / 1e9:.3f} - "
-              f"{c['S_warm']:.0f} x {c['F_0'] / 1e9:.3f}) / {c['F_mean'] / 1e9:.3f} = {c['S_DC']:.0f} "
-              f"(GMACs per forward; reference {c['reference']})")

@@ -1,8 +1,8 @@
-"""`DiffusionTransformer`: conditioning + tokenizer + adaLN-Zero backbone (+ reducers)."""
+"""`DiffusionTransformer`: conditioning + tokenizer + adaLN-Zero backbone (+ reducers at hook points)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
 
 import gin
 import torch
@@ -10,28 +10,45 @@ import torch.nn as nn
 
 from .backbone import Backbone
 from .layers import LabelEmbedder, TimestepEmbedder
+from .reducer import ForwardInfo, Hooks, Reducer, StepCache, new_step_cache
 from .registry import REDUCERS, TOKENIZERS
 from .tokenizer import Tokenizer
 
+__all__ = ["DiffusionTransformer", "ForwardInfo", "ModelConfig"]
 
-@dataclass
-class ForwardInfo:
-    """What a forward pass reports besides its prediction; unknown attributes read the tokenizer state."""
 
-    tokens_per_sample: list[int]
-    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
-    state: Any = None
+@dataclass(frozen=True)
+class ModelConfig:
+    """A model's configuration as data: what accounting, matching and checkpoint export read."""
 
-    def __getattr__(self, name: str):
-        state = self.__dict__.get("state")
-        if state is not None and hasattr(state, name):
-            return getattr(state, name)
-        raise AttributeError(name)
+    input_size: int = 32
+    in_channels: int = 4
+    num_classes: int = 1000
+    hidden_size: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    learn_sigma: bool = True
+    class_dropout_prob: float = 0.1
+    tokenizer: str = "patchify"
+    tokenizer_kwargs: dict = field(default_factory=dict)  # settings beyond the gin-bound ones
+    reducers: tuple = ()
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    def build(self) -> "DiffusionTransformer":
+        """The one builder: every model (gin, official checkpoints, matched baselines) is made here."""
+        return DiffusionTransformer(**asdict(self))
+
+    def replace(self, **changes) -> "ModelConfig":
+        return ModelConfig(**{**asdict(self), **changes})
 
 
 @gin.configurable
 class DiffusionTransformer(nn.Module):
-    """A DiT whose grid <-> token ends are a tokenizer plugin.
+    """A DiT whose grid <-> token ends are a tokenizer plugin, with reducers at declared hook points.
 
     ``forward(x, t, y, **budget)`` returns the prediction on the input grid (B, C_out, H, W).
     """
@@ -46,26 +63,32 @@ class DiffusionTransformer(nn.Module):
         num_heads: int = 6,
         mlp_ratio: float = 4.0,
         tokenizer: str | Tokenizer = "patchify",
-        reducers: Sequence[str | nn.Module] = (),
+        reducers: Sequence[str | Reducer] = (),
         learn_sigma: bool = True,
         class_dropout_prob: float = 0.1,
+        tokenizer_kwargs: dict | None = None,
     ):
         super().__init__()
+        self.config = ModelConfig(input_size, in_channels, num_classes, hidden_size, depth, num_heads, mlp_ratio,
+                                  learn_sigma, class_dropout_prob,
+                                  tokenizer if isinstance(tokenizer, str) else type(tokenizer).__name__,
+                                  dict(tokenizer_kwargs or {}),
+                                  tuple(r if isinstance(r, str) else type(r).__name__ for r in reducers))
         self.input_size, self.in_channels, self.num_classes = input_size, in_channels, num_classes
         self.learn_sigma = learn_sigma
-        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.out_channels = self.config.out_channels
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         if isinstance(tokenizer, str):
             tokenizer = TOKENIZERS.build(tokenizer, hidden_size=hidden_size, in_channels=in_channels,
                                          out_channels=self.out_channels, input_size=input_size,
-                                         cond_dim=hidden_size)
+                                         cond_dim=hidden_size, **(tokenizer_kwargs or {}))
         self.tokenizer = tokenizer
         self.backbone = Backbone(hidden_size, depth, num_heads, mlp_ratio)
         self.initialize_weights()
-        self.reducers = nn.ModuleList(REDUCERS.build(r) if isinstance(r, str) else r for r in reducers)
+        self.reducers = nn.ModuleList(_build_reducer(r) for r in reducers)
         for reducer in self.reducers:
-            reducer.attach(self)
+            reducer.check_model(self)
 
     def initialize_weights(self) -> None:
         """DiT's init in one place, then the tokenizer's own."""
@@ -84,19 +107,35 @@ class DiffusionTransformer(nn.Module):
     def condition(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.t_embedder(t) + self.y_embedder(y, self.training)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_info: bool = False, **budget):
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_info: bool = False,
+                step_cache: StepCache | None = None, **budget):
+        """Prediction on the input grid; ``step_cache`` carries the reducers' trajectory state."""
         self.check_input(x)
+        if step_cache is not None:
+            step_cache.advance()
         c = self.condition(t, y)
         tokens, state = self.tokenizer.encode(x, c, **budget)
-        lengths = list(tokens.lengths)
-        tokens = self.backbone(tokens, c)
-        out = self.tokenizer.decode(tokens, state, c)
+        hooks = Hooks(self.reducers, step_cache, t, c) if len(self.reducers) else None
+        ran = []
+
+        def backbone_to_grid() -> torch.Tensor:
+            ran.append(True)
+            return self.tokenizer.to_grid(self.backbone(tokens, c, hooks), state, c)
+
+        h = hooks.step(backbone_to_grid, tokens, state, self) if hooks else backbone_to_grid()
+        out = self.tokenizer.head(h, state, c)
         if not return_info:
             return out
-        return out, ForwardInfo(lengths, self.tokenizer.aux_losses(state), state)
+        return out, ForwardInfo(list(tokens.lengths), self.tokenizer.aux_losses(state), state, bool(ran),
+                                hooks.runs if hooks else [], hooks.reports() if hooks else {}, budget)
+
+    def new_step_cache(self, num_evaluations: int | None = None) -> StepCache:
+        """Trajectory state for this model's reducers: allocate one per sampling call."""
+        return new_step_cache(self.reducers, num_evaluations)
 
     def forward_with_cfg(self, x, t, y, cfg_scale: float, guided_channels: int | None = None,
-                         uncond_budget: dict | None = None, return_info: bool = False, **budget):
+                         uncond_budget: dict | None = None, return_info: bool = False,
+                         step_cache: StepCache | None = None, **budget):
         """Classifier-free guidance, DiT's batching: ``x`` is [x; x], ``y`` is [labels; null].
 
         ``guided_channels=3`` reproduces DiT's "guide only the first 3 channels"; ``None`` guides every
@@ -106,6 +145,8 @@ class DiffusionTransformer(nn.Module):
         half = x[: len(x) // 2]
         if uncond_budget is not None:
             budget = _split_budget(budget, uncond_budget, len(half), x.device)
+        if step_cache is not None:
+            budget["step_cache"] = step_cache
         result = self.forward(torch.cat([half, half]), t, y, return_info=return_info, **budget)
         out, info = result if return_info else (result, None)
         k = self.in_channels if guided_channels is None else guided_channels
@@ -119,6 +160,14 @@ class DiffusionTransformer(nn.Module):
         expected = (self.in_channels, self.input_size, self.input_size)
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"model expects input of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+
+
+def _build_reducer(reducer: str | Reducer) -> Reducer:
+    if isinstance(reducer, Reducer):
+        return reducer
+    built = REDUCERS.build(reducer)
+    built.name = reducer
+    return built
 
 
 def _split_budget(cond: dict, uncond: dict, n: int, device) -> dict:

@@ -1,4 +1,4 @@
-"""Sampling from a trained run: rebuild the model from its gin config, run a registered sampler.
+"""Sampling: a registered sampler, built for the model's training objective, run batch by batch.
 
 ``dyncompute sample RUN_DIR`` writes a PNG grid and an ``.npz`` of uint8 NHWC images under
 ``arr_0`` (the ADM evaluator's format).
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import gin
 import numpy as np
@@ -14,26 +15,12 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from .config import scoped
-from .engine import latest_checkpoint, resolve_device
-from .io import atomic_write, load_checkpoint
+from .diffusion import make_objective
+from .io import atomic_write
 from .model import DiffusionTransformer
+from .observe import Observed, Observer
 from .registry import SAMPLERS
-
-
-def load_run(run_dir: str | Path, weights: str = "ema", bindings=()) -> DiffusionTransformer:
-    """The model of a run directory, with its EMA (default) or online weights from the latest checkpoint."""
-    run_dir = Path(run_dir)
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}: train first")
-    with scoped([run_dir / "config.gin"], bindings):
-        model = DiffusionTransformer()
-    state = load_checkpoint(ckpt)
-    if weights not in state:
-        raise KeyError(f"checkpoint {ckpt} has no {weights!r} weights; it has {sorted(state)}")
-    model.load_state_dict(state[weights])
-    return model.eval()
+from .runs import resolve_device
 
 
 @dataclass
@@ -44,27 +31,31 @@ class SampleResult:
     timesteps: list
 
 
-@gin.configurable(denylist=["model"])
+@gin.configurable(denylist=["model", "observers"])
 def generate(model: DiffusionTransformer, num_samples: int = 16, sampler: str = "ddpm", num_steps: int = 250,
              cfg_scale: float = 1.0, guided_channels: int | None = None, seed: int = 0, batch_size: int = 64,
              labels=None, clip_denoised: bool | None = None, device: str = "auto", progress: bool = False,
-             **budget) -> SampleResult:
+             objective: str = "gaussian", observers: Sequence[Observer] = (), **budget) -> SampleResult:
     """Class-conditional samples; labels cycle through the classes unless given.
 
+    The sampler is built for the model's training ``objective`` (a mismatch is an error). Each batch is
+    one sampling call with its own reducer `StepCache`; ``observers`` see every model evaluation.
     ``clip_denoised`` (Gaussian samplers) clips predicted x0 to [-1, 1]: right for pixel data, wrong for
     latents; None keeps the sampler's default (DiT's: off, for latents).
     """
     dev = resolve_device(device)
     model = model.to(dev).eval()
-    s = SAMPLERS.build(sampler, num_steps=num_steps, **_gaussian_kw(sampler, model, clip_denoised))
+    settings = {"num_steps": num_steps, **({} if clip_denoised is None else {"clip_denoised": clip_denoised})}
+    s = SAMPLERS.get(sampler).for_objective(make_objective(objective, learn_sigma=model.learn_sigma), **settings)
     g = torch.Generator(device="cpu").manual_seed(seed)
     ys = torch.as_tensor(labels) if labels is not None else torch.arange(num_samples) % model.num_classes
     images, nfe, steps = [], 0, []
     for start in range(0, num_samples, batch_size):
         y = ys[start:start + batch_size].to(dev)
-        shape = (len(y), model.in_channels, model.input_size, model.input_size)
-        z = torch.randn(shape, generator=g).to(dev)
-        fn, kwargs = _model_fn(model, y, cfg_scale, guided_channels, budget)
+        z = torch.randn((len(y), model.in_channels, model.input_size, model.input_size), generator=g).to(dev)
+        fn, kwargs = model_function(model, y, cfg_scale, guided_channels, budget, observers)
+        if len(model.reducers):  # one trajectory state per sampling call
+            kwargs["step_cache"] = model.new_step_cache(s.planned_nfe)
         if cfg_scale > 1.0:
             z = torch.cat([z, z])
         with torch.no_grad():
@@ -74,19 +65,14 @@ def generate(model: DiffusionTransformer, num_samples: int = 16, sampler: str = 
     return SampleResult(torch.cat(images).clamp(-1, 1), ys, nfe, steps)
 
 
-def _gaussian_kw(sampler: str, model, clip_denoised: bool | None) -> dict:
-    if SAMPLERS.get(sampler).kind == "flow":
-        return {}
-    return {"learn_sigma": model.learn_sigma, **({} if clip_denoised is None else {"clip_denoised": clip_denoised})}
-
-
-def _model_fn(model, y, cfg_scale, guided_channels, budget):
-    """DiT's CFG batching: [z; z] with labels [y; null]."""
+def model_function(model, y, cfg_scale: float, guided_channels, budget: dict, observers=()):
+    """(observed model function, model kwargs) for a sampler; DiT's CFG batching [z; z] with labels
+    [y; null] when ``cfg_scale > 1``."""
     if cfg_scale > 1.0:
         null = torch.full_like(y, model.num_classes)
         kw = dict(y=torch.cat([y, null]), cfg_scale=cfg_scale, guided_channels=guided_channels, **budget)
-        return model.forward_with_cfg, kw
-    return model, dict(y=y, **budget)
+        return Observed(model.forward_with_cfg, observers, with_info=bool(observers), cfg=True), kw
+    return Observed(model, observers, with_info=bool(observers)), dict(y=y, **budget)
 
 
 def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:

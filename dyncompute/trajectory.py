@@ -1,8 +1,8 @@
 """Compute over a sampling trajectory: every model evaluation's real per-sample token counts.
 
-`TrajectoryRecorder` wraps a model (plain calls and ``forward_with_cfg``) without touching the sampler
-and records each evaluation's per-sample backbone lengths, CFG branch, budgets and whether the
-backbone ran (a step-caching reducer may skip it). `SampleCost` turns a length into per-sample useful
+`TrajectoryRecorder` observes a sampling call (`dyncompute.observe`) and records each evaluation's
+per-sample backbone lengths, CFG branch, budgets and whether the backbone ran (a step-caching reducer
+may skip it), as the model's `ForwardInfo` reports them. `SampleCost` turns a length into per-sample useful
 MACs by component (exact counts from :mod:`dyncompute.flops`, interpolated where verified), and
 `TrajectoryCount` sums them per image and per step. Units as in :mod:`dyncompute.flops`.
 """
@@ -16,6 +16,8 @@ import pandas as pd
 import torch.nn as nn
 
 from .flops import Row, Trace, backbone_macs, forward_columns, split_rows, stack_rows, trace_forward
+from .observe import Evaluation
+from .sampling import generate
 
 
 # --------------------------------------------------------------------------- per-sample cost model
@@ -190,7 +192,7 @@ class SampleCost:
 
 
 @dataclass
-class Evaluation:
+class RecordedEvaluation:
     """One model evaluation inside a sampler (one call, both CFG halves together)."""
 
     index: int
@@ -202,52 +204,24 @@ class Evaluation:
 
 
 class TrajectoryRecorder:
-    """Records every evaluation of ``model`` (plain calls and ``forward_with_cfg``) while active.
+    """Observer (`dyncompute.observe`) of a sampling call: records every evaluation's real per-sample
+    backbone lengths, CFG branch, budgets and whether the backbone ran, as the model reported them.
 
-    Works around any sampler: it wraps the model's own ``forward`` (instance attribute) and watches
-    the backbone, so steps that a reducer skips (backbone not run) are seen as such.
+        rec = TrajectoryRecorder(model)
+        generate(model, ..., observers=[rec])
+        count = rec.count(num_images)
     """
 
     def __init__(self, model: nn.Module, cost: SampleCost | None = None):
         self.model, self.cost = model, cost or SampleCost(model)
-        self.evaluations: list[Evaluation] = []
-        self._in_cfg = False
-        self._backbone_ran = False
+        self.evaluations: list[RecordedEvaluation] = []
 
-    def __enter__(self) -> "TrajectoryRecorder":
-        forward, forward_with_cfg = self.model.forward, self.model.forward_with_cfg
-
-        def recorded_forward(x, t, y, return_info: bool = False, **budget):
-            self._backbone_ran = False
-            out, info = forward(x, t, y, return_info=True, **budget)
-            self._record(x, t, y, budget, info.tokens_per_sample)
-            return (out, info) if return_info else out
-
-        def recorded_cfg(*args, **kwargs):
-            self._in_cfg = True
-            try:
-                return forward_with_cfg(*args, **kwargs)
-            finally:
-                self._in_cfg = False
-
-        self._saved = {k: self.model.__dict__.get(k) for k in ("forward", "forward_with_cfg")}
-        self.model.forward, self.model.forward_with_cfg = recorded_forward, recorded_cfg
-        self._hook = self.model.backbone.register_forward_pre_hook(lambda *_: setattr(self, "_backbone_ran", True))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for name, saved in self._saved.items():  # back to the class methods (or earlier wrappers)
-            if saved is None:
-                delattr(self.model, name)
-            else:
-                setattr(self.model, name, saved)
-        self._hook.remove()
-
-    def _record(self, x, t, y, budget, lengths) -> None:
-        rows = split_rows(x, t, y, budget)
-        self.cost.observe(rows, lengths)
-        self.evaluations.append(Evaluation(len(self.evaluations), [float(v) for v in t.reshape(-1)],
-                                           [int(n) for n in lengths], self._in_cfg, self._backbone_ran,
+    def __call__(self, ev: Evaluation) -> None:
+        info = ev.info
+        rows = split_rows(ev.x, ev.t, ev.kwargs["y"], info.budget)
+        self.cost.observe(rows, info.tokens_per_sample)
+        self.evaluations.append(RecordedEvaluation(len(self.evaluations), [float(v) for v in ev.t.reshape(-1)],
+                                           [int(n) for n in info.tokens_per_sample], ev.cfg, info.backbone_ran,
                                            [r.budget for r in rows]))
 
     def count(self, num_images: int | None = None) -> "TrajectoryCount":
@@ -266,7 +240,7 @@ class TrajectoryCount:
     notes: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_evaluations(cls, evaluations: list[Evaluation], cost: SampleCost, num_images: int | None = None):
+    def from_evaluations(cls, evaluations: list[RecordedEvaluation], cost: SampleCost, num_images: int | None = None):
         if not evaluations:
             raise ValueError("no model evaluation was recorded")
         rows0 = len(evaluations[0].lengths)
@@ -325,11 +299,9 @@ class TrajectoryCount:
 def count_trajectory(model: nn.Module, num_samples: int = 2, sampler: str = "ddpm", num_steps: int = 250,
                      cfg_scale: float = 1.0, seed: int = 0, **generate_kwargs) -> tuple[TrajectoryCount, Any]:
     """Sample ``num_samples`` images in one batch while recording; returns (count, `SampleResult`)."""
-    from .sampling import generate
-
-    with TrajectoryRecorder(model) as rec:
-        result = generate(model, num_samples=num_samples, sampler=sampler, num_steps=num_steps,
-                          cfg_scale=cfg_scale, seed=seed, batch_size=num_samples, **generate_kwargs)
+    rec = TrajectoryRecorder(model)
+    result = generate(model, num_samples=num_samples, sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale,
+                      seed=seed, batch_size=num_samples, observers=[rec], **generate_kwargs)
     count = rec.count(num_samples)
     if count.nfe != result.nfe:
         count.notes.append(f"recorded {count.nfe} evaluations but the sampler counted {result.nfe}")

@@ -1,10 +1,8 @@
 """Tokenizer-agnostic views of a sampling trajectory: which grid positions the backbone saw.
 
-Per sampling step, each sample's kept-token map comes from the tokenizer's optional
-``token_map(state) -> (B, H, W) bool``; tokenizers without one keep every token. Two figures:
-boundary maps (rows: samples, columns: timesteps) and tokens kept vs timestep (mean ± spread).
-
-    dyncompute views RUN_DIR [--out DIR] [--num-samples N] [--steps K]
+Per sampling step, each sample's kept-token map comes from ``Tokenizer.token_map(state)``
+(None: every token kept), observed on an ordinary `generate` call. Two figures: boundary maps
+(rows: samples, columns: timesteps) and tokens kept vs timestep (mean ± spread).
 """
 from __future__ import annotations
 
@@ -15,7 +13,9 @@ import pandas as pd
 import torch
 
 from .io import atomic_write
+from .observe import Evaluation
 from .report import save_figure
+from .sampling import generate
 
 
 @dataclass
@@ -32,43 +32,33 @@ class Trajectory:
 
 def token_map(model, info) -> torch.Tensor:
     """(B, H, W) bool kept-token map of one forward (every token kept when the tokenizer has no map)."""
-    fn = getattr(model.tokenizer, "token_map", None)
-    if fn is not None:
-        return fn(info.state).detach().cpu()
+    kept = model.tokenizer.token_map(info.state)
+    if kept is not None:
+        return kept.detach().cpu()
     B, n = len(info.tokens_per_sample), max(info.tokens_per_sample)
     side = int(round(n ** 0.5))
     return torch.ones(B, side, side, dtype=torch.bool)
 
 
-class _Recorder:
-    """A model function for samplers that records each call's token map (conditional half under CFG)."""
+class TokenMaps:
+    """Observer of a sampling call: each evaluation's token map (the conditional half under CFG)."""
 
     def __init__(self, model, num_samples: int):
         self.model, self.num_samples, self.maps, self.timesteps = model, num_samples, [], []
 
-    def __call__(self, x, t, **kwargs):
-        out, info = self.model(x, t, return_info=True, **kwargs)
-        self.maps.append(token_map(self.model, info)[: self.num_samples])
-        self.timesteps.append(float(t.flatten()[0]))
-        return out
+    def __call__(self, ev: Evaluation) -> None:
+        self.maps.append(token_map(self.model, ev.info)[: self.num_samples])
+        self.timesteps.append(float(ev.t.flatten()[0]))
 
 
 @torch.no_grad()
 def record_trajectory(model, num_samples: int = 8, sampler: str = "ddim", num_steps: int = 25,
                       seed: int = 0, labels=None, **budget) -> Trajectory:
-    from .registry import SAMPLERS
-
-    model.eval()
-    kind = SAMPLERS.get(sampler).kind
-    s = SAMPLERS.build(sampler, num_steps=num_steps,
-                       **({} if kind == "flow" else {"learn_sigma": model.learn_sigma}))
-    device = next(model.parameters()).device
-    y = (torch.as_tensor(labels) if labels is not None else torch.arange(num_samples) % model.num_classes).to(device)
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn((num_samples, model.in_channels, model.input_size, model.input_size), generator=g).to(device)
-    rec = _Recorder(model, num_samples)
-    images = s.sample(rec, z.shape, model_kwargs=dict(y=y, **budget), noise=z, device=device)
-    return Trajectory(rec.timesteps, torch.stack(rec.maps), images.cpu())
+    rec = TokenMaps(model, num_samples)
+    result = generate(model, num_samples=num_samples, sampler=sampler, num_steps=num_steps, seed=seed,
+                      labels=labels, batch_size=num_samples, device=str(next(model.parameters()).device),
+                      observers=[rec], **budget)
+    return Trajectory(rec.timesteps, torch.stack(rec.maps), result.images)
 
 
 def plot_boundary_maps(traj: Trajectory, path, max_columns: int = 8, max_rows: int = 8):
@@ -139,24 +129,3 @@ def write_views(model, out_dir, num_samples: int = 8, steps: int = 25, sampler: 
     return {"boundary_maps": str(plot_boundary_maps(traj, out / "boundary_maps.png")),
             "kept_vs_timestep": str(plot_kept_vs_timestep(traj, out / "kept_vs_timestep.png")),
             "table": str(out / "kept_vs_timestep.csv"), "mean_kept": float(table["kept_mean"].mean())}
-
-
-def register_cli(sub) -> None:
-    p = sub.add_parser("views", help="boundary maps and tokens kept vs timestep over a sampling trajectory")
-    p.add_argument("run_dir")
-    p.add_argument("--out", help="output folder (default RUN_DIR/views)")
-    p.add_argument("--num-samples", type=int, default=8)
-    p.add_argument("--steps", type=int, default=25, help="sampling steps")
-    p.add_argument("--sampler", default="ddim")
-    p.add_argument("--weights", default="ema", help="ema or model")
-    p.set_defaults(func=_cmd_views)
-
-
-def _cmd_views(args) -> None:
-    import json
-
-    from .sampling import load_run
-
-    model = load_run(args.run_dir, weights=args.weights)
-    files = write_views(model, args.out or Path(args.run_dir) / "views", args.num_samples, args.steps, args.sampler)
-    print(json.dumps(files))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dyncompute import DiffusionTransformer, UnknownPluginError
-from dyncompute.checkpoints import load_official_dcdit, to_official_dcdit
+from dyncompute_plugins.tokenizers.dynamic_chunking import load_official_dcdit, to_official_dcdit
 from dyncompute_plugins.tokenizers.dynamic_chunking import DynamicChunking
 from dyncompute_plugins.tokenizers.dynamic_chunking.chunking import drop_tail, nearest_kept
 from dyncompute_plugins.tokenizers.dynamic_chunking.losses import ratio_loss
@@ -40,8 +40,8 @@ def test_official_reference_matches():
         with torch.no_grad():
             out, info = model(x, t, y, tail_drop=rho, return_info=True)
         assert (out - exp["out"]).abs().max() < 1e-4
-        assert (info.p - exp["p"]).abs().max() < 1e-5
-        assert torch.equal(info.mask, exp["mask"]) and torch.equal(info.mask_natural, exp["mask_natural"])
+        assert (info.state.p - exp["p"]).abs().max() < 1e-5
+        assert torch.equal(info.state.mask, exp["mask"]) and torch.equal(info.state.mask_natural, exp["mask_natural"])
     exported = to_official_dcdit(model)
     assert set(exported) == set(ref["state_dict"])
 
@@ -66,7 +66,7 @@ def test_gradients_reach_router_through_ste_and_ratio_loss():
     out, info = model(x, t, y, return_info=True)
     router = model.tokenizer.router
     params = list(router.parameters())
-    grads = torch.autograd.grad(out.square().mean(), params + [info.confidence], retain_graph=True)
+    grads = torch.autograd.grad(out.square().mean(), params + [info.state.confidence], retain_graph=True)
     assert all(g.abs().sum() > 0 for g in grads)  # the confidence gets its gradient through the STE
     grads = torch.autograd.grad(info.aux_losses["ratio"], list(router.parameters()), allow_unused=True)
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
@@ -141,12 +141,15 @@ def test_tail_drop_rule_and_per_sample_fraction():
 
 
 def test_budgets_multi_budget_and_lite_cfg():
+    from dyncompute.engine import MultiBudget
+
     model = tiny(budget_set=(0.0, 0.5), budget_warmup_steps=2).train()
     x, t, y = batch(2)
+    draw = MultiBudget(*model.tokenizer.training_budgets())  # the trainer's per-step handler
     drops = []
-    for _ in range(8):
-        _, info = model(x, t, y, return_info=True)
-        drops.append(float(info.tail_drop))
+    for step in range(8):
+        _, info = model(x, t, y, return_info=True, **draw.draw(step))
+        drops.append(float(info.state.tail_drop))
     assert drops[:2] == [0.0, 0.0] and set(drops[2:]) == {0.0, 0.5}
     model.eval()
     with torch.no_grad():
@@ -216,7 +219,7 @@ def test_registered_and_gin_configurable():
                                  num_heads=4, tokenizer="dynamic_chunking")
     x, t, y = batch(2)
     out, info = model(x, t, y, return_info=True)
-    assert out.shape == (2, 8, 8, 8) and info.p.shape == (2, 64) and info.mask.dtype == torch.bool
+    assert out.shape == (2, 8, 8, 8) and info.state.p.shape == (2, 64) and info.state.mask.dtype == torch.bool
     assert model.tokenizer.token_map(info.state).shape == (2, 8, 8)
 
 

@@ -6,8 +6,9 @@ import torch
 
 from dyncompute.cli import main
 from dyncompute.config import ConfigError, scoped
-from dyncompute.engine import latest_checkpoint, train
-from dyncompute.sampling import generate, load_run
+from dyncompute.engine import train
+from dyncompute.runs import latest_checkpoint, load_run
+from dyncompute.sampling import generate
 
 TINY = """
 DiffusionTransformer.input_size = 8

@@ -1,15 +1,18 @@
 """Compute accounting: handles, useful vs executed MACs, components, trajectories, CLI (tiny models)."""
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
 import torch
 import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from dyncompute import flops, trajectory
 from dyncompute.model import DiffusionTransformer
+from dyncompute.observe import Observed
 from dyncompute.registry import TOKENIZERS
 
 
@@ -45,6 +48,15 @@ def backbone_formula(model, length):
 # --------------------------------------------------------------------------- handles and cross-check
 
 
+@contextlib.contextmanager
+def torch_counter():
+    """torch's FlopCounterMode under the math SDPA backend: torch has no formula for some fused CPU
+    attention kernels (2.14 counts ``_scaled_dot_product_flash_attention_for_cpu`` as 0), but counts
+    the math backend's matmuls on every version."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        yield counter
+
+
 def test_fused_attention_is_counted_and_matches_torch_counter():
     model = tiny_dit().eval()
     x, t, y = inputs(model, 2)
@@ -52,7 +64,7 @@ def test_fused_attention_is_counted_and_matches_torch_counter():
     assert count.unsupported_ops == {}
     L = (16 // 2) ** 2
     assert count.by_component["backbone"] == 2 * backbone_formula(model, L)  # batch of 2
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with torch_counter() as counter:
         model(x, t, y)
     torch_macs = counter.get_total_flops() / 2
     assert abs(count.executed_macs / torch_macs - 1) < 0.01
@@ -62,7 +74,7 @@ def test_dcdit_matches_torch_counter_on_multiply_accumulate_ops():
     model = tiny_dcdit().eval()
     x, t, y = inputs(model, 3)
     trace = flops.trace_forward(model, x, t, y)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with torch_counter() as counter:
         _, info = model(x, t, y, return_info=True)
     assert info.tokens_per_sample == trace.lengths
     fa = flops._analysis(flops._Call(model, {}), (x, t, y), model)
@@ -161,8 +173,8 @@ def test_dcdit_trajectory_matches_exact_recount_per_evaluation():
     model.forward = keep
     from dyncompute.sampling import generate
 
-    with trajectory.TrajectoryRecorder(model) as rec:
-        generate(model, num_samples=3, num_steps=6, cfg_scale=3.0, device="cpu", batch_size=3)
+    rec = trajectory.TrajectoryRecorder(model)
+    generate(model, num_samples=3, num_steps=6, cfg_scale=3.0, device="cpu", batch_size=3, observers=[rec])
     del model.forward
     count = rec.count(3)
     assert count.nfe == 6 and len(calls) == 6
@@ -178,9 +190,9 @@ def test_recorder_sees_lite_cfg_budgets_and_restores_the_model():
     model = tiny_dcdit(router="predictability")
     x, t, y = inputs(model, 2)
     null = torch.full_like(y, model.num_classes)
-    with trajectory.TrajectoryRecorder(model) as rec:
-        model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), cfg_scale=2.0,
-                               uncond_budget={"tail_drop": 0.5})
+    rec = trajectory.TrajectoryRecorder(model)
+    Observed(model.forward_with_cfg, [rec], cfg=True)(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, null]),
+                                                      cfg_scale=2.0, uncond_budget={"tail_drop": 0.5})
     assert "forward" not in model.__dict__ and "forward_with_cfg" not in model.__dict__
     ev = rec.evaluations[0]
     assert ev.cfg and [b["tail_drop"] for b in ev.budget] == [0.0, 0.0, 0.5, 0.5]

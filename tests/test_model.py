@@ -6,7 +6,7 @@ import torch
 
 from dyncompute import DiffusionTransformer, Tokens, TOKENIZERS, SAMPLERS, DATASETS, REDUCERS, FEATURE_EXTRACTORS
 from dyncompute.attention import varlen_attention
-from dyncompute.checkpoints import infer_dit_config, load_official_dit, read_official_dit, to_official_dit
+from dyncompute_plugins.tokenizers.patchify import infer_dit_config, load_official_dit, read_official_dit, to_official_dit
 from dyncompute.io import CheckpointError, atomic_save, load_checkpoint
 from dyncompute.layers import grid_positions, sincos_2d
 from dyncompute.registry import UnknownPluginError

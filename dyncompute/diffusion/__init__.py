@@ -9,16 +9,17 @@ from .gaussian import GaussianDiffusion, get_named_beta_schedule
 from .respace import SpacedDiffusion, create_diffusion, space_timesteps
 from .transport import ODE_METHODS, Transport
 
-OBJECTIVES = ("gaussian", "flow")
+OBJECTIVES = {"gaussian": create_diffusion, "flow": Transport}
 
 
 def make_objective(kind: str = "gaussian", **kwargs):
-    """The trainer's objective: ``create_diffusion(**kwargs)`` or ``Transport(**kwargs)``."""
-    if kind == "gaussian":
-        return create_diffusion(**kwargs)
-    if kind == "flow":
-        return Transport(**kwargs)
-    raise ValueError(f"unknown objective kind {kind!r}; valid: {', '.join(OBJECTIVES)}")
+    """The training objective by name: DiT's ``create_diffusion(**kwargs)`` or ``Transport(**kwargs)``.
+
+    Samplers are built from it (``Sampler.for_objective``), so a model is sampled as it was trained.
+    """
+    if kind not in OBJECTIVES:
+        raise ValueError(f"unknown objective {kind!r}; valid: {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[kind](**kwargs)
 
 
 __all__ = [

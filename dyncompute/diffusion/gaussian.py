@@ -98,7 +98,6 @@ class GaussianDiffusion:
     (C channels) or ε and v (2C channels) when ``var_type == "learned_range"``.
     """
 
-    kind = "gaussian"
 
     def __init__(self, *, betas, var_type: str = "learned_range", loss_type: str = "mse"):
         if var_type not in VAR_TYPES:

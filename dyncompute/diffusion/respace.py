@@ -89,7 +89,8 @@ class SpacedDiffusion(GaussianDiffusion):
     """A GaussianDiffusion over a subset of the base steps; the model sees original indices."""
 
     def __init__(self, use_timesteps, *, betas, **kwargs):
-        base_alphas_cumprod = np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
+        self.base_betas = np.asarray(betas, dtype=np.float64)
+        base_alphas_cumprod = np.cumprod(1.0 - self.base_betas)
         self.use_timesteps = set(use_timesteps)
         self.timestep_map: list[int] = []
         self.original_num_steps = len(base_alphas_cumprod)
@@ -100,6 +101,11 @@ class SpacedDiffusion(GaussianDiffusion):
                 last = abar
                 self.timestep_map.append(i)
         super().__init__(betas=np.array(new_betas), **kwargs)
+
+    def respace(self, timestep_respacing: str) -> "SpacedDiffusion":
+        """The same diffusion (schedule, variance, loss) over other steps, e.g. ``"250"`` or ``"ddim50"``."""
+        return SpacedDiffusion(space_timesteps(self.original_num_steps, timestep_respacing), betas=self.base_betas,
+                               var_type=self.var_type, loss_type=self.loss_type)
 
     def _wrap_model(self, model):
         if isinstance(model, _OriginalTimesteps):

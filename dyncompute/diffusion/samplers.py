@@ -8,47 +8,51 @@ evaluation, even when it runs a doubled classifier-free-guidance batch.
 from __future__ import annotations
 
 import abc
-from typing import Callable
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from dyncompute.observe import Observed, Timesteps
 from dyncompute.registry import SAMPLERS
 
 from .gaussian import GaussianDiffusion
-from .respace import create_diffusion
+from .respace import SpacedDiffusion, create_diffusion
 from .transport import Transport, resolve_ode_method
 
 SPACINGS = ("fractional", "ddim")
 
 
-class CountingModel:
-    """Wraps ``model_fn`` to count calls and record the timestep of each."""
-
-    def __init__(self, model_fn: Callable):
-        self.model_fn = model_fn
-        self.nfe = 0
-        self.timesteps_seen: list = []
-
-    def __call__(self, x, t, **kwargs):
-        self.nfe += 1
-        self.timesteps_seen.append(t.reshape(-1)[0].item())
-        return self.model_fn(x, t, **kwargs)
-
-
 class Sampler(abc.ABC):
-    """Shared bookkeeping: ``nfe`` and ``timesteps_seen`` describe the last ``sample`` call."""
+    """Shared bookkeeping: ``nfe`` and ``timesteps_seen`` describe the last ``sample`` call.
 
-    kind: str = ""
-    _counter: CountingModel | None = None
+    ``trains_with`` is the objective class a model must have been trained with; `for_objective`
+    builds a sampler for a model's own objective and refuses a mismatch.
+    """
+
+    trains_with: ClassVar[type]
+    _observed: Observed | None = None
+    _timesteps: Timesteps | None = None
+
+    @classmethod
+    def for_objective(cls, objective, **settings) -> "Sampler":
+        if not isinstance(objective, cls.trains_with):
+            raise ValueError(f"sampler {cls.__name__} needs a model trained with {cls.trains_with.__name__}, "
+                             f"but this model was trained with {type(objective).__name__}")
+        return cls(objective=objective, **settings)
 
     @property
     def nfe(self) -> int:
-        return self._counter.nfe if self._counter else 0
+        return self._observed.count if self._observed else 0
 
     @property
     def timesteps_seen(self) -> list:
-        return self._counter.timesteps_seen if self._counter else []
+        return self._timesteps.seen if self._timesteps else []
+
+    @property
+    def planned_nfe(self) -> int | None:
+        """Evaluations one ``sample`` call will make (None when an adaptive solver decides)."""
+        return None
 
     @abc.abstractmethod
     def objective(self):
@@ -59,9 +63,10 @@ class Sampler(abc.ABC):
                progress=False, generator=None) -> Tensor:
         """Samples of ``shape`` from noise; counts every ``model_fn`` call."""
 
-    def _count(self, model_fn) -> CountingModel:
-        self._counter = CountingModel(model_fn)
-        return self._counter
+    def _count(self, model_fn) -> Observed:
+        self._timesteps = Timesteps()
+        self._observed = Observed(model_fn, [self._timesteps], with_info=False)
+        return self._observed
 
     @staticmethod
     def _initial_noise(shape, noise, device, generator) -> Tensor:
@@ -73,21 +78,23 @@ class Sampler(abc.ABC):
 class _GaussianSampler(Sampler):
     """Common set-up of DDPM/DDIM: a respaced copy of DiT's diffusion."""
 
-    kind = "gaussian"
+    trains_with = SpacedDiffusion
 
     def __init__(self, num_steps, spacing, learn_sigma, noise_schedule, diffusion_steps,
-                 clip_denoised):
+                 clip_denoised, objective: SpacedDiffusion | None = None):
         if spacing not in SPACINGS:
             raise ValueError(f"unknown spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
         self.num_steps, self.clip_denoised = num_steps, clip_denoised
-        self._objective_kwargs = dict(
-            noise_schedule=noise_schedule, learn_sigma=learn_sigma, diffusion_steps=diffusion_steps
-        )
-        respacing = f"ddim{num_steps}" if spacing == "ddim" else str(num_steps)
-        self.diffusion = create_diffusion(respacing, **self._objective_kwargs)
+        self._objective = objective or create_diffusion(
+            "", noise_schedule=noise_schedule, learn_sigma=learn_sigma, diffusion_steps=diffusion_steps)
+        self.diffusion = self._objective.respace(f"ddim{num_steps}" if spacing == "ddim" else str(num_steps))
 
     def objective(self) -> GaussianDiffusion:
-        return create_diffusion("", **self._objective_kwargs)
+        return self._objective
+
+    @property
+    def planned_nfe(self) -> int:
+        return self.diffusion.num_timesteps
 
     def sample(self, model_fn, shape, model_kwargs=None, noise=None, device="cpu",
                progress=False, generator=None) -> Tensor:
@@ -104,9 +111,9 @@ class DDPMSampler(_GaussianSampler):
 
     def __init__(self, num_steps: int = 250, spacing: str = "fractional", learn_sigma: bool = True,
                  noise_schedule: str = "linear", diffusion_steps: int = 1000,
-                 clip_denoised: bool = False):
+                 clip_denoised: bool = False, objective: SpacedDiffusion | None = None):
         super().__init__(num_steps, spacing, learn_sigma, noise_schedule, diffusion_steps,
-                         clip_denoised)
+                         clip_denoised, objective)
 
     def _loop(self, model, shape, x, model_kwargs, progress, generator):
         return self.diffusion.p_sample_loop(
@@ -121,9 +128,10 @@ class DDIMSampler(_GaussianSampler):
 
     def __init__(self, num_steps: int = 50, eta: float = 0.0, spacing: str = "ddim",
                  learn_sigma: bool = True, noise_schedule: str = "linear",
-                 diffusion_steps: int = 1000, clip_denoised: bool = False):
+                 diffusion_steps: int = 1000, clip_denoised: bool = False,
+                 objective: SpacedDiffusion | None = None):
         super().__init__(num_steps, spacing, learn_sigma, noise_schedule, diffusion_steps,
-                         clip_denoised)
+                         clip_denoised, objective)
         self.eta = eta
 
     def _loop(self, model, shape, x, model_kwargs, progress, generator):
@@ -141,16 +149,20 @@ class ODESampler(Sampler):
     heun/midpoint: 2, rk4: 4); dopri5 ignores it and adapts its steps to atol/rtol.
     """
 
-    kind = "flow"
+    trains_with = Transport
 
     def __init__(self, num_steps: int = 50, method: str = "euler", atol: float = 1e-6,
-                 rtol: float = 1e-3):
+                 rtol: float = 1e-3, objective: Transport | None = None):
         resolve_ode_method(method)  # fail at construction, not mid-evaluation
         self.num_steps, self.method, self.atol, self.rtol = num_steps, method, atol, rtol
-        self.transport = Transport()
+        self.transport = objective or Transport()
 
     def objective(self) -> Transport:
-        return Transport()
+        return self.transport
+
+    @property
+    def planned_nfe(self) -> int | None:
+        return self.num_steps if self.method == "euler" else None  # other solvers: stages per step vary
 
     def sample(self, model_fn, shape, model_kwargs=None, noise=None, device="cpu",
                progress=False, generator=None) -> Tensor:

@@ -51,7 +51,8 @@ def resolve_ode_method(method: str) -> str:
 class Transport:
     """Linear-path flow matching: training loss and ODE sampling."""
 
-    kind = "flow"
+    def __init__(self, learn_sigma: bool = False):
+        self.learn_sigma = learn_sigma  # a model with a sigma half: velocity() reads the first half
 
     def sample_timesteps(self, n: int, device="cpu", generator=None) -> Tensor:
         """Uniform training times t ~ U[0, 1)."""

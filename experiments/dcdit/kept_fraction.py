@@ -41,7 +41,7 @@ def held_out_fraction(model, n: int = 64) -> float:
     x_t = create_diffusion(learn_sigma=model.learn_sigma).q_sample(x, t, noise)
     model.eval()
     _, info = model(x_t, t, y, return_info=True)
-    return float(info.mask.float().mean())
+    return float(info.state.mask.float().mean())
 
 
 def main() -> None:

@@ -2,11 +2,12 @@
 
 Encoder -> router -> chunk -> (any backbone) -> de-chunk -> decoder, with the backbone running on
 packed variable-length `Tokens`. Importing this package registers the tokenizer, its routers and its
-de-chunkers.
+de-chunkers; `official` imports and exports AMD-AGI/DynamicChunkingDiT checkpoints.
 """
 from . import dechunk, routers  # noqa: F401  (registration)
 from .dechunk import DECHUNKERS
+from .official import load_official_dcdit, to_official_dcdit
 from .routers import ROUTERS
 from .tokenizer import ChunkState, DynamicChunking
 
-__all__ = ["DynamicChunking", "ChunkState", "ROUTERS", "DECHUNKERS"]
+__all__ = ["DynamicChunking", "ChunkState", "ROUTERS", "DECHUNKERS", "load_official_dcdit", "to_official_dcdit"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from dyncompute.checkpoints import DIT_HEADS, export_renamed, load_renamed, unwrap_state_dict
-from dyncompute.model import DiffusionTransformer
+from dyncompute.model import DiffusionTransformer, ModelConfig
 
 from .tokenizer import DynamicChunking
 
@@ -28,7 +28,8 @@ PREFIXES = (
     ("t_embedder.", "t_embedder."),
     ("y_embedder.", "y_embedder."),
 )
-NOT_LOADED = ("tokenizer.step",)  # our own buffers with no official counterpart
+
+
 def _count(state_dict: dict, prefix: str) -> int:
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
     return 1 + max((int(m.group(1)) for k in state_dict if (m := pattern.match(k))), default=-1)
@@ -48,34 +49,32 @@ def infer_config(state_dict: dict) -> dict:
                 mlp_ratio=state_dict["hnet.main_network.main_network.layers.0.mlp.fc1.weight"].shape[0] / D)
 
 
-def build_dcdit(config: dict, encoder_depth: int = 2, decoder_depth: int = 2, **tokenizer_kwargs) -> DiffusionTransformer:
-    """A dynamic-chunking DiffusionTransformer from an official-style config dict."""
+def dcdit_model_config(config: dict, encoder_depth: int = 2, decoder_depth: int = 2,
+                       **tokenizer_kwargs) -> ModelConfig:
+    """An official-style config dict (DC-DiT's argument names) as a `ModelConfig`."""
     c = dict(config)
-    D, factor = c["d_model"], c.get("enc_dec_dim_factor") or 1
+    factor = c.get("enc_dec_dim_factor") or 1
     factor = factor[0] if isinstance(factor, (list, tuple)) else factor
-    out_channels = c["in_channels"] * (2 if c.get("learn_sigma", True) else 1)
-    tokenizer = DynamicChunking(hidden_size=D, in_channels=c["in_channels"], out_channels=out_channels,
-                                input_size=c["input_size"], cond_dim=D, enc_dec_factor=factor,
-                                encoder_depth=encoder_depth, decoder_depth=decoder_depth,
-                                dechunk_sigma=c.get("dechunk_kernel_sigma", 1.0), **tokenizer_kwargs)
-    return DiffusionTransformer(input_size=c["input_size"], in_channels=c["in_channels"],
-                                num_classes=c["num_classes"], hidden_size=D, depth=c["depth"],
-                                num_heads=c["num_heads"], mlp_ratio=c.get("mlp_ratio", 4.0), tokenizer=tokenizer,
-                                learn_sigma=c.get("learn_sigma", True),
-                                class_dropout_prob=c.get("class_dropout_prob", 0.1))
+    settings = dict(enc_dec_factor=factor, encoder_depth=encoder_depth, decoder_depth=decoder_depth,
+                    dechunk_sigma=c.get("dechunk_kernel_sigma", 1.0), **tokenizer_kwargs)
+    return ModelConfig(input_size=c["input_size"], in_channels=c["in_channels"], num_classes=c["num_classes"],
+                       hidden_size=c["d_model"], depth=c["depth"], num_heads=c["num_heads"],
+                       mlp_ratio=c.get("mlp_ratio", 4.0), learn_sigma=c.get("learn_sigma", True),
+                       class_dropout_prob=c.get("class_dropout_prob", 0.1), tokenizer="dynamic_chunking",
+                       tokenizer_kwargs=settings)
 
 
 def load_official_dcdit(state_dict: dict, config: dict | None = None, **tokenizer_kwargs) -> DiffusionTransformer:
     """Build a model from an AMD-AGI/DynamicChunkingDiT state dict (original key names)."""
     state_dict = unwrap_state_dict(state_dict)
-    model = build_dcdit(config or infer_config(state_dict),
-                        encoder_depth=_count(state_dict, "hnet.encoder.layers."),
-                        decoder_depth=_count(state_dict, "hnet.decoder.layers."), **tokenizer_kwargs)
-    return load_renamed(model, state_dict, PREFIXES, model.tokenizer.pos_embed, NOT_LOADED)
+    model = dcdit_model_config(config or infer_config(state_dict),
+                               encoder_depth=_count(state_dict, "hnet.encoder.layers."),
+                               decoder_depth=_count(state_dict, "hnet.decoder.layers."), **tokenizer_kwargs).build()
+    return load_renamed(model, state_dict, PREFIXES, model.tokenizer.pos_embed)
 
 
 def to_official_dcdit(model: DiffusionTransformer) -> dict:
     """Export a dynamic-chunking model (no reducers) to the official key names, pos_embed included."""
     if not isinstance(model.tokenizer, DynamicChunking):
         raise ValueError("only dynamic_chunking models export to DC-DiT checkpoints")
-    return export_renamed(model, PREFIXES, model.tokenizer.pos_embed, NOT_LOADED)
+    return export_renamed(model, PREFIXES, model.tokenizer.pos_embed)

@@ -23,7 +23,7 @@ from .routers import ROUTERS
 
 @dataclass
 class ChunkState:
-    """What encode() hands to decode(), and what ``ForwardInfo`` exposes (``info.p``, ``info.mask``)."""
+    """What encode() hands to decoding; ``ForwardInfo.state`` (``info.state.p``, ``info.state.mask``)."""
 
     p: torch.Tensor  # (B, L) boundary probability (first/last forced to 1)
     mask: torch.Tensor  # (B, L) bool, kept tokens after tail dropping
@@ -48,6 +48,7 @@ class DynamicChunking(Tokenizer):
     flop_components = {"stem": "embeddings", "encoder": "encoder", "router": "router",
                        "dechunker": "de-chunk", "backbone_norm": "de-chunk", "residual_proj": "de-chunk",
                        "decoder": "decoder", "final_layer": "final layer"}
+    flop_order = ("embeddings", "encoder", "router", "chunk", "backbone", "de-chunk", "decoder", "final layer")
     flop_ignored_ops = ("prim::PythonOp.STE",)  # straight-through estimator: an identity, 0 MACs
 
     def __init__(self, hidden_size: int, in_channels: int, out_channels: int, input_size: int,
@@ -77,7 +78,10 @@ class DynamicChunking(Tokenizer):
         self.decoder = ConvStack(D, d, decoder_depth, cond_dim, widen="first")
         self.final_layer = FinalLayer(d, 1, out_channels, cond_dim=cond_dim)
         self.register_buffer("pos_embed", sincos_2d(D, grid_positions(input_size)), persistent=False)
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # multi-budget schedule
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.pop(prefix + "step", None)  # runs saved before the multi-budget draw moved to the trainer
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def initialize_weights(self) -> None:
         w = self.stem.weight
@@ -90,23 +94,15 @@ class DynamicChunking(Tokenizer):
         self.final_layer.zero_init()
 
     # ---- budgets -------------------------------------------------------------------------------
-    def budget_tail_drop(self, tail_drop=None):
-        """The tail-drop fraction of this call: given > multi-budget draw (training) > default."""
-        if tail_drop is None:
-            tail_drop = self.tail_drop
-            if self.training and self.budget_set:
-                step = int(self.step)
-                self.step += 1
-                if step >= self.budget_warmup_steps:
-                    g = torch.Generator().manual_seed(step)  # same draw on every rank
-                    tail_drop = self.budget_set[int(torch.randint(len(self.budget_set), (1,), generator=g))]
-        check_tail_drop(tail_drop)
-        return tail_drop
+    def training_budgets(self) -> tuple[tuple[dict[str, float], ...], int]:
+        """Multi-budget training: a tail-drop fraction drawn per step from ``budget_set``."""
+        return tuple({"tail_drop": rho} for rho in self.budget_set), self.budget_warmup_steps
 
     # ---- tokenizer interface -------------------------------------------------------------------
     def encode(self, x: torch.Tensor, c: torch.Tensor, tail_drop=None, **budget) -> tuple[Tokens, ChunkState]:
         self.check_budget(budget)
-        rho = self.budget_tail_drop(tail_drop)
+        rho = self.tail_drop if tail_drop is None else tail_drop
+        check_tail_drop(rho)
         grid = tuple(x.shape[-2:])
         h = self.encoder(self.stem(x), c)  # (B, L, D), RMS-normalised
         p, mask_natural, confidence = boundary_rules(self.router(h, grid))
@@ -115,12 +111,16 @@ class DynamicChunking(Tokenizer):
         tokens = chunk(h, mask, self.pos_embed, grid[1])
         return tokens, ChunkState(p, mask, mask_natural, confidence, residual, grid, rho)
 
-    def decode(self, tokens: Tokens, state: ChunkState, c: torch.Tensor) -> torch.Tensor:
+    def to_grid(self, tokens: Tokens, state: ChunkState, c: torch.Tensor) -> torch.Tensor:
+        """De-chunk: RMSNorm, smooth and plug back onto every pixel, gate by STE(confidence), add the
+        residual projection of the encoder output; (B, H*W, D)."""
         z = self.backbone_norm(tokens.x)
         h = self.dechunker(z, tokens, state.p, state.mask, state.grid)
-        h = h * STE.apply(state.confidence)[..., None] + state.residual
+        return (h * STE.apply(state.confidence)[..., None] + state.residual).to(z.dtype)
+
+    def head(self, h: torch.Tensor, state: ChunkState, c: torch.Tensor) -> torch.Tensor:
         r, w = state.grid
-        h = self.decoder(rearrange(h.to(z.dtype), "b (r w) d -> b d r w", r=r, w=w), c)
+        h = self.decoder(rearrange(h, "b (r w) d -> b d r w", r=r, w=w), c)
         out = self.final_layer(h, c)
         return rearrange(out, "b (r w) c -> b c r w", r=r, w=w)
 
@@ -131,3 +131,7 @@ class DynamicChunking(Tokenizer):
     def token_map(self, state: ChunkState) -> torch.Tensor:
         """(B, H, W) bool: which grid positions the backbone saw."""
         return state.mask.view(-1, *state.grid)
+
+    def boundary_probability(self, state: ChunkState) -> torch.Tensor:
+        """(B, H, W): the router's boundary probability (first and last positions forced to 1)."""
+        return state.p.view(-1, *state.grid)

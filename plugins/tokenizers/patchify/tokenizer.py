@@ -16,6 +16,8 @@ from dyncompute.tokens import Tokens
 class Patchify(Tokenizer):
     """Every P x P patch becomes one token: L = (H / P)^2 for every sample and timestep."""
 
+    flop_components = {"x_embedder": "embeddings", "final_layer": "final layer"}
+
     def __init__(self, hidden_size: int, in_channels: int, out_channels: int, input_size: int,
                  cond_dim: int | None = None, patch_size: int = 2):
         super().__init__()
@@ -39,9 +41,13 @@ class Patchify(Tokenizer):
         self.check_budget(budget)
         return Tokens.from_batched(self.x_embedder(x) + self.pos_embed, self.pos), None
 
-    def decode(self, tokens: Tokens, state, c: torch.Tensor) -> torch.Tensor:
+    def to_grid(self, tokens: Tokens, state, c: torch.Tensor) -> torch.Tensor:
+        """Every patch is a token: the backbone's output already is the (B, L, D) grid."""
         if not tokens.uniform or tokens.x.shape[0] != tokens.num_samples * self.grid_size ** 2:
             raise ValueError("patchify decodes only the full token grid; a reducer must restore every token")
-        out = self.final_layer(tokens.batched(), c)
+        return tokens.batched()
+
+    def head(self, h: torch.Tensor, state, c: torch.Tensor) -> torch.Tensor:
+        out = self.final_layer(h, c)
         g, p = self.grid_size, self.patch_size
         return rearrange(out, "n (h w) (p q c) -> n c (h p) (w q)", h=g, w=g, p=p, q=p)

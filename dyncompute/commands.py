@@ -1,0 +1,123 @@
+"""Handlers of the ``dyncompute`` commands (parsed in :mod:`dyncompute.cli`): one function per
+command, named like it, turning parsed arguments into calls of the library and printed results."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+
+def train(args) -> None:
+    from .engine import launch
+
+    run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
+    steps = launch(args.config, args.bind, run_dir, backend=args.backend, nproc_per_node=args.nproc_per_node)
+    print(f"trained {steps} steps -> {run_dir}")
+
+
+def sample(args) -> None:
+    from .config import scoped
+    from .engine import run_objective
+    from .runs import load_run
+    from .sampling import generate, save_samples
+
+    model = load_run(args.run_dir, weights=args.weights)
+    settings = dict(num_samples=args.num_samples, sampler=args.sampler, num_steps=args.steps,
+                    cfg_scale=args.cfg_scale, seed=args.seed, objective=run_objective(args.run_dir))
+    bindings = [f"generate.{k} = {v!r}" for k, v in settings.items() if v is not None]
+    with scoped([], bindings + args.bind):
+        result = generate(model, progress=True)
+    files = save_samples(result.images, args.out or Path(args.run_dir) / "samples")
+    print(json.dumps({**files, "nfe": result.nfe, "num_samples": len(result.images)}))
+
+
+def plugins(args) -> None:
+    from .registry import ALL
+
+    for kind, registry in ALL.items():
+        print(f"{kind}: {', '.join(registry.names()) or '(none)'}")
+
+
+def quickstart(args) -> None:
+    from .quickstart import quickstart as run
+
+    print(run(args.out, args.runs, args.steps, args.num_samples).to_string(index=False))
+
+
+def bench(args) -> None:
+    from .bench import CASES, run_cases
+    from .registry import load_plugins
+
+    if args.list:
+        load_plugins()
+        print("\n".join(sorted(CASES)))
+        return
+    df = run_cases(args.cases or None, args.warmup, args.repeats, args.out, args.threads)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(df.drop(columns=["target"]).round(3).to_string(index=False))
+    print(f"wrote {args.out}")
+
+
+def flops(args) -> None:
+    from .config import build_model
+    from .flops import count_forward, measurement_inputs
+    from .trajectory import count_trajectory
+
+    model, root = build_model(args.config, [*args.bindings, *args.bind])
+    static = not model.tokenizer.budget_keys and not len(model.reducers)
+    n = args.samples or (1 if static else 8)
+    fwd = count_forward(model, *measurement_inputs(model, n, args.seed, root), time_repeats=args.repeats)
+    out = {"config": args.config, **fwd.to_dict()}
+    traj = None
+    if args.trajectory:
+        traj, _ = count_trajectory(model, args.images, args.sampler, args.steps, args.cfg_scale, seed=args.seed)
+        out["trajectory"] = {"sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg_scale,
+                             **traj.to_dict()}
+    if fwd.unsupported_ops:
+        print(f"warning: operators without a MAC handle (counted as 0): {fwd.unsupported_ops}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(out, default=float))
+        return
+    print(f"{args.config}: {out['useful_macs'] / 1e9:.3f} GMACs useful, {out['executed_macs'] / 1e9:.3f} GMACs "
+          f"executed, {out['flops'] / 1e9:.3f} GFLOPs (= 2 x MACs) per image per forward; "
+          f"{fwd.params / 1e6:.2f} M params; mean tokens/sample {sum(fwd.tokens_per_sample) / n:.1f} over {n} inputs"
+          + (f"; {out['wall_ms_per_forward']:.1f} ms/image forward" if fwd.wall_ms else ""))
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(fwd.table().round(4).to_string(index=False))
+        if traj is not None:
+            print(f"trajectory ({args.sampler}, {args.steps} steps, cfg {args.cfg_scale}): NFE {traj.nfe}, "
+                  f"{traj.useful_macs_per_image / 1e9:.2f} GMACs = {traj.flops_per_image / 1e12:.4f} TFLOPs per image")
+            print(traj.steps.round(4).to_string(index=False, max_rows=20))
+
+
+def match(args) -> None:
+    from .matching import match_table, run_match
+
+    out = run_match(args)
+    if args.json:
+        print(json.dumps(out, default=float))
+        return
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 60):
+        print(match_table(out).round(3).to_string(index=False))
+    if out["source"]["note"]:
+        print(f"note: {out['source']['note']}")
+    for label in ("iso_flop", "iso_param"):
+        m = out[label]
+        print(f"{label}: matched {m['matched_on']} by {m['by']}, error {100 * m['error']:+.2f}% "
+              f"({'within' if m['within_tol'] else 'NOT within'} {100 * out['tol']:.0f}%)")
+    if "compute_matched" in out:
+        c = out["compute_matched"]
+        print(f"compute-matched steps: S_DC = {c['S_warm']:.0f} + ({c['S_DiT']:.0f} x {c['F_DiT'] / 1e9:.3f} - "
+              f"{c['S_warm']:.0f} x {c['F_0'] / 1e9:.3f}) / {c['F_mean'] / 1e9:.3f} = {c['S_DC']:.0f} "
+              f"(GMACs per forward; reference {c['reference']})")
+
+
+def views(args) -> None:
+    from .runs import load_run
+    from .views import write_views
+
+    model = load_run(args.run_dir, weights=args.weights)
+    files = write_views(model, args.out or Path(args.run_dir) / "views", args.num_samples, args.steps, args.sampler)
+    print(json.dumps(files))

@@ -1,0 +1,192 @@
+"""The reducer seam: compute reducers attach at declared hook points, never by patching a model.
+
+Hook points
+- ``attention`` and ``mlp`` (token level, inside every `DiTBlock`): the reducer receives the op and its
+  modulated input and returns the op's output for every input token. Token merging wraps the op in
+  merge -> op -> unmerge; a feature cache returns a stored output instead of calling it.
+- ``step`` (step level, around "backbone + back to the grid" in `DiffusionTransformer.forward`): the
+  reducer receives a function that runs the backbone and `Tokenizer.to_grid`, and returns grid
+  features. Grid features have one row per position of the tokenizer's fixed grid, whatever tokens the
+  backbone saw, so a step cache stays valid when the number of tokens changes from step to step.
+
+Per-trajectory state lives in a `StepCache` that the sampling call allocates (`new_step_cache`) and
+passes through the model kwargs on every evaluation; two sampling calls never share state. Reducers
+report what ran in `ForwardInfo` (`BlockRun`, ``backbone_ran``), and the accounting reads those
+reports.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.nn as nn
+
+from .tokens import Tokens
+
+TOKEN_HOOKS = ("attention", "mlp")
+HOOK_POINTS = (*TOKEN_HOOKS, "step")
+
+Op = Callable[..., torch.Tensor]  # op(h, tokens, **kw) -> output with h's layout
+
+
+@dataclass
+class BlockRun:
+    """Tokens per sample that one block's attention and MLP actually processed."""
+
+    attention: tuple[int, ...] = ()
+    mlp: tuple[int, ...] = ()
+
+
+@dataclass
+class ForwardInfo:
+    """What a forward pass reports besides its prediction.
+
+    ``tokens_per_sample``: backbone input length per sample; ``blocks``: what each block processed
+    (empty when the backbone did not run); ``backbone_ran``: False when a step reducer reused a cache;
+    ``reducers``: each reducer's own report, keyed by its registered name; ``state``: the tokenizer's;
+    ``budget``: the budget keywords the tokenizer ran with (per-sample tensors under Lite-CFG).
+    """
+
+    tokens_per_sample: list[int]
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    state: Any = None
+    backbone_ran: bool = False
+    blocks: list[BlockRun] = field(default_factory=list)
+    reducers: dict[str, dict] = field(default_factory=dict)
+    budget: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StepCache:
+    """State of one sampling trajectory: the evaluation index and each reducer's own cache."""
+
+    states: dict[int, Any]
+    num_evaluations: int | None = None  # evaluations the sampler plans (None: adaptive)
+    evaluation: int = -1  # index of the current evaluation (advanced by the model's forward)
+
+    def advance(self) -> None:
+        self.evaluation += 1
+
+    @property
+    def is_last(self) -> bool:
+        return self.num_evaluations is not None and self.evaluation >= self.num_evaluations - 1
+
+
+@dataclass
+class BlockContext:
+    """What a token-level hook sees: the block, the tokens' layout, conditioning and trajectory state."""
+
+    block: int
+    tokens: Tokens
+    c: torch.Tensor
+    t: torch.Tensor
+    cache: Any  # this reducer's StepCache entry (None outside a sampling call)
+    step: StepCache | None
+
+
+@dataclass
+class StepContext:
+    """What a step-level hook sees: the encoded tokens, the tokenizer state and the trajectory state."""
+
+    tokens: Tokens
+    state: Any
+    c: torch.Tensor
+    t: torch.Tensor
+    cache: Any
+    step: StepCache | None
+    model: nn.Module
+
+
+class Reducer(nn.Module):
+    """Base class of reducer plugins; subclasses declare ``hook_points`` and override those hooks.
+
+    ``name`` is the registered name (set by the registry's builder or the subclass). Reducers are
+    modules so that trained ones (e.g. DyDiT's routers) keep their parameters in the model's state dict.
+    """
+
+    hook_points: ClassVar[tuple[str, ...]] = ()
+    flop_components: ClassVar[dict[str, str]] = {}  # like `Tokenizer.flop_components`
+    flop_ignored_ops: ClassVar[tuple[str, ...]] = ()
+    name: str = ""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        unknown = set(cls.hook_points) - set(HOOK_POINTS)
+        if unknown:
+            raise TypeError(f"{cls.__name__} declares unknown hook point(s) {sorted(unknown)}; "
+                            f"known: {', '.join(HOOK_POINTS)}")
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ValueError when this reducer cannot apply to ``model`` (e.g. its tokenizer)."""
+
+    def new_cache(self) -> Any:
+        """Per-trajectory state, allocated once per sampling call."""
+        return None
+
+    def attention(self, op: Op, h: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        return op(h, ctx.tokens)
+
+    def mlp(self, op: Op, h: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        return op(h, ctx.tokens)
+
+    def step(self, run: Callable[[], torch.Tensor], ctx: StepContext) -> torch.Tensor:
+        return run()
+
+    def report(self, cache: Any) -> dict:
+        """What this reducer did in the last forward (lands in ``ForwardInfo.reducers``)."""
+        return {}
+
+
+class Hooks:
+    """The reducers of one forward, composed at each hook point (first listed = outermost)."""
+
+    def __init__(self, reducers, step: StepCache | None, t: torch.Tensor, c: torch.Tensor):
+        self.reducers, self.step_cache, self.t, self.c = list(reducers), step, t, c
+        self.runs: list[BlockRun] = []
+
+    def _cache(self, i: int) -> Any:
+        return None if self.step_cache is None else self.step_cache.states.get(i)
+
+    def token_op(self, point: str, block: int, op: Op, h: torch.Tensor, tokens: Tokens) -> torch.Tensor:
+        """Run ``op`` at a token hook point through every reducer that declares it."""
+        while len(self.runs) <= block:
+            self.runs.append(BlockRun())
+        run = self.runs[block]
+
+        def innermost(h_, tokens_, **kw):
+            setattr(run, point, tokens_.lengths)  # what the op really processed, for the accounting
+            return op(h_, tokens_, **kw)
+
+        call = innermost
+        for i, reducer in reversed(list(enumerate(self.reducers))):
+            if point in reducer.hook_points:
+                call = self._wrap(reducer, point, call, i, block)
+        return call(h, tokens)
+
+    def _wrap(self, reducer: Reducer, point: str, inner: Op, i: int, block: int) -> Op:
+        hook = {"attention": reducer.attention, "mlp": reducer.mlp}[point]
+
+        def call(h, tokens, **kw):
+            op = functools.partial(inner, **kw) if kw else inner
+            return hook(op, h, BlockContext(block, tokens, self.c, self.t, self._cache(i), self.step_cache))
+
+        return call
+
+    def step(self, run: Callable[[], torch.Tensor], tokens: Tokens, state: Any, model: nn.Module) -> torch.Tensor:
+        """Run "backbone + back to the grid" through every reducer that declares the step hook."""
+        call = run
+        for i, reducer in reversed(list(enumerate(self.reducers))):
+            if "step" in reducer.hook_points:
+                ctx = StepContext(tokens, state, self.c, self.t, self._cache(i), self.step_cache, model)
+                call = functools.partial(reducer.step, call, ctx)
+        return call()
+
+    def reports(self) -> dict[str, dict]:
+        return {r.name or type(r).__name__: r.report(self._cache(i)) for i, r in enumerate(self.reducers)}
+
+
+def new_step_cache(reducers, num_evaluations: int | None = None) -> StepCache:
+    """A fresh trajectory state for ``reducers`` (one entry per reducer)."""
+    return StepCache({i: r.new_cache() for i, r in enumerate(reducers)}, num_evaluations)
