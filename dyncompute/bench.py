@@ -9,9 +9,9 @@ from __future__ import annotations
 import ctypes
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 import torch
@@ -64,7 +64,7 @@ def peak_memory_mb(fn: Callable[[], object]) -> float | None:
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS watermark
     except OSError:
         return None
-    kb = lambda key: int(next(l for l in status.read_text().splitlines() if l.startswith(key)).split()[1])
+    kb = lambda key: int(next(ln for ln in status.read_text().splitlines() if ln.startswith(key)).split()[1])
     base = kb("VmRSS:")
     fn()
     return (kb("VmHWM:") - base) / 1024

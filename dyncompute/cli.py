@@ -54,11 +54,15 @@ def _bench(sub) -> None:
     p.add_argument("--list", action="store_true", help="list the case names")
 
 
-def _flops(sub) -> None:
-    p = sub.add_parser("flops", help="exact MACs/FLOPs per forward (useful, executed, by component) and per image")
-    p.add_argument("config", help="gin file")
+def _config_arguments(p, what: str = "gin file") -> None:
+    p.add_argument("config", help=what)
     p.add_argument("bindings", nargs="*", help="extra gin bindings")
     p.add_argument("--bind", "-b", action="append", default=[], help="extra gin binding, repeatable")
+
+
+def _flops(sub) -> None:
+    p = sub.add_parser("flops", help="exact MACs/FLOPs per forward (useful, executed, by component) and per image")
+    _config_arguments(p)
     p.add_argument("--samples", type=int, help="measured inputs (default: 1 when the tokenizer takes no budget "
                    "keywords and there are no reducers, else 8)")
     p.add_argument("--seed", type=int, default=0)
@@ -73,9 +77,7 @@ def _flops(sub) -> None:
 
 def _match(sub) -> None:
     p = sub.add_parser("match", help="iso-FLOP / iso-param DiT baselines of a config, compute-matched steps")
-    p.add_argument("config", help="gin file of the model to match")
-    p.add_argument("bindings", nargs="*", help="extra gin bindings")
-    p.add_argument("--bind", "-b", action="append", default=[], help="extra gin binding, repeatable")
+    _config_arguments(p, "gin file of the model to match")
     p.add_argument("--patch-size", type=int, default=2, help="patch size of the DiT baselines")
     p.add_argument("--by", choices=["auto", "depth", "width"], default="auto",
                    help="choose the depth (same width), the width (fixed depth), or depth then width")

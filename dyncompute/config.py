@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import gin
 

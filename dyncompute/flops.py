@@ -22,10 +22,10 @@ How the count is made
 - Per component: fvcore's per-module counts are mapped to components by module name. The model
   maps its own parts (embedders, backbone); the tokenizer and each reducer declare theirs
   (``flop_components = {submodule prefix: component}``, ``""`` being the plugin itself).
-- Over a trajectory (:mod:`dyncompute.trajectory`), `TrajectoryRecorder` records every evaluation's real per-sample backbone lengths
-  (and CFG branch, budgets, skipped backbones) without touching the sampler. A sample's cost is a
-  function of its backbone length L: the backbone part is counted exactly at any L on synthetic
-  tokens, the rest is counted exactly on recorded inputs at a few lengths and interpolated (a
+- Over a trajectory (:mod:`dyncompute.trajectory`), `TrajectoryRecorder` observes every evaluation's
+  real per-sample backbone lengths (and CFG branch, budgets, skipped backbones) as the model reports
+  them. A sample's cost is a function of its backbone length L: the backbone part is counted exactly at
+  any L on synthetic tokens, the rest is counted exactly on recorded inputs at a few lengths and interpolated (a
   quadratic in L, verified on a held-out length; if the check fails every length is counted).
 """
 from __future__ import annotations
@@ -35,9 +35,9 @@ import statistics
 import time
 import warnings
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from math import prod
-from typing import Iterable
 
 import pandas as pd
 import torch
@@ -340,7 +340,8 @@ class ForwardCount:
         """JSON-ready; ``per_image`` divides batch totals by the batch size (per image per forward)."""
         n = self.batch_size if per_image else 1
         d = {
-            "units": {"macs": "multiply-accumulates" + (" per image per forward" if per_image else " per batch forward"),
+            "units": {"macs": "multiply-accumulates" + (" per image per forward" if per_image
+                                                        else " per batch forward"),
                       "flops": "2 x MACs"},
             "useful_macs": self.useful_macs / n, "executed_macs": self.executed_macs / n,
             "flops": self.flops / n, "executed_flops": self.executed_flops / n, "params": self.params,

@@ -16,7 +16,6 @@ Per-step costs use forward MACs; the backward's constant factor cancels.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache

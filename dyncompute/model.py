@@ -1,8 +1,8 @@
 """`DiffusionTransformer`: conditioning + tokenizer + adaLN-Zero backbone (+ reducers at hook points)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
 import gin
 import torch
@@ -38,11 +38,11 @@ class ModelConfig:
     def out_channels(self) -> int:
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
 
-    def build(self) -> "DiffusionTransformer":
+    def build(self) -> DiffusionTransformer:
         """The one builder: every model (gin, official checkpoints, matched baselines) is made here."""
         return DiffusionTransformer(**asdict(self))
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return ModelConfig(**{**asdict(self), **changes})
 
 

@@ -7,8 +7,9 @@ the trajectory for the accounting and collecting the tokenizer's auxiliary losse
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

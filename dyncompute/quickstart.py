@@ -13,9 +13,9 @@ import pandas as pd
 from .config import scoped
 from .engine import train
 from .flops import forward_columns
-from .trajectory import TrajectoryRecorder, trajectory_columns
 from .report import loss_curves, markdown_table, save_figure, save_table, write_page
 from .sampling import generate, save_samples
+from .trajectory import TrajectoryRecorder, trajectory_columns
 from .views import write_views
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments" / "quickstart"
@@ -94,14 +94,16 @@ def _write_page(out: Path, df: pd.DataFrame, figures, views: dict, sample_steps:
          "encoder and decoder outweigh the tokens it saves in the backbone; `dyncompute flops "
          "experiments/imagenet256/dcdit_b.gin` shows the balance at paper scale."),
         ("Training loss", "![loss](loss.png)"),
-        ("Samples", f"EMA weights, DDPM {sample_steps} steps (x0 clipped to the pixel range), no guidance, labels cycle through the classes "
-         "(labels 0, 1, ..., 9, 0, ... in reading order).\n\n" + "\n\n".join(f"**{n}**\n\n![{n}]({f})" for n, f in figures)),
+        ("Samples", f"EMA weights, DDPM {sample_steps} steps (x0 clipped to the pixel range), no guidance, labels "
+         "cycle through the classes (labels 0, 1, ..., 9, 0, ... in reading order).\n\n"
+         + "\n\n".join(f"**{n}**\n\n![{n}]({f})" for n, f in figures)),
     ]
     for name, v in views.items():
         rel = lambda p: Path(p).relative_to(out).as_posix()
         sections.append((f"Where {name} spends its tokens", (
             f"Boundary maps over a DDIM-25 sampling trajectory (rows: samples, columns: timesteps, noisy to "
-            f"clean; black = a grid position the backbone processes as a token; last column: the sample) and the fraction of the grid kept per step. "
+            f"clean; black = a grid position the backbone processes as a token; last column: the sample) and "
+            f"the fraction of the grid kept per step. "
             f"Mean kept fraction over the trajectory: {v['mean_kept']:.3f}.\n\n"
             f"![boundary maps]({rel(v['boundary_maps'])})\n\n![kept vs timestep]({rel(v['kept_vs_timestep'])})")))
     write_page(out / "report.md", "dyncompute quickstart", sections)

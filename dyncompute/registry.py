@@ -8,7 +8,8 @@ module whose import registers its classes. Registering also makes a class gin-co
 from __future__ import annotations
 
 import importlib.metadata
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import gin
 from fvcore.common.registry import Registry as _FvcoreRegistry

@@ -22,7 +22,7 @@ class Tokens:
     lengths: tuple[int, ...]  # python ints: host-side copy of the per-sample lengths
 
     @classmethod
-    def from_lengths(cls, x: torch.Tensor, lengths, pos: torch.Tensor) -> "Tokens":
+    def from_lengths(cls, x: torch.Tensor, lengths, pos: torch.Tensor) -> Tokens:
         lengths = tuple(int(n) for n in lengths)
         if x.dim() != 2 or pos.shape != (x.shape[0], 2) or sum(lengths) != x.shape[0]:
             raise ValueError(f"packed tokens need x (T, D), pos (T, 2) and sum(lengths) == T; got "
@@ -33,7 +33,7 @@ class Tokens:
         return cls(x, cu, pos, batch, lengths)
 
     @classmethod
-    def from_batched(cls, x: torch.Tensor, pos: torch.Tensor) -> "Tokens":
+    def from_batched(cls, x: torch.Tensor, pos: torch.Tensor) -> Tokens:
         """Equal-length tokens from x (B, L, D) sharing one (L, 2) position table."""
         B, L, D = x.shape
         return cls.from_lengths(x.reshape(B * L, D), [L] * B, pos.repeat(B, 1))
@@ -47,7 +47,7 @@ class Tokens:
         """True when every sample has the same length: the fast (B, L, D) path applies."""
         return len(set(self.lengths)) <= 1
 
-    def with_x(self, x: torch.Tensor) -> "Tokens":
+    def with_x(self, x: torch.Tensor) -> Tokens:
         return replace(self, x=x)
 
     def batched(self, x: torch.Tensor | None = None) -> torch.Tensor:

@@ -19,7 +19,6 @@ from .flops import Row, Trace, backbone_macs, forward_columns, split_rows, stack
 from .observe import Evaluation
 from .sampling import generate
 
-
 # --------------------------------------------------------------------------- per-sample cost model
 
 
@@ -224,7 +223,7 @@ class TrajectoryRecorder:
                                            [int(n) for n in info.tokens_per_sample], ev.cfg, info.backbone_ran,
                                            [r.budget for r in rows]))
 
-    def count(self, num_images: int | None = None) -> "TrajectoryCount":
+    def count(self, num_images: int | None = None) -> TrajectoryCount:
         return TrajectoryCount.from_evaluations(self.evaluations, self.cost, num_images)
 
 
@@ -311,7 +310,7 @@ def count_trajectory(model: nn.Module, num_samples: int = 2, sampler: str = "ddp
 # --------------------------------------------------------------------------- report columns
 
 
-def trajectory_columns(traj: "TrajectoryCount") -> dict:
+def trajectory_columns(traj: TrajectoryCount) -> dict:
     """Labelled per-image columns of a recorded sampling trajectory."""
     return {
         "per_image_GMACs_(trajectory)": traj.useful_macs_per_image / 1e9,

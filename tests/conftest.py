@@ -1,8 +1,8 @@
+from pathlib import Path
+
 import gin
 import pytest
 import torch
-
-from pathlib import Path
 
 REFERENCE = Path(__file__).resolve().parent / "reference"  # test vectors from the original public code
 

@@ -1,7 +1,6 @@
 """Datasets: the procedural set must be deterministic and have the structure DC-DiT relies on."""
 from __future__ import annotations
 
-
 import gin
 import numpy as np
 import pytest
@@ -74,7 +73,8 @@ def test_classes_balanced(samples):
 
 def test_background_smooth_detail_busy(samples):
     def neighbour_diffs(x):
-        return torch.cat([(x[:, 1:] - x[:, :-1]).abs().mean(0).flatten(), (x[:, :, 1:] - x[:, :, :-1]).abs().mean(0).flatten()])
+        return torch.cat([(x[:, 1:] - x[:, :-1]).abs().mean(0).flatten(),
+                          (x[:, :, 1:] - x[:, :, :-1]).abs().mean(0).flatten()])
 
     def pair_masks(m):
         return torch.cat([(m[1:] & m[:-1]).flatten(), (m[:, 1:] & m[:, :-1]).flatten()])

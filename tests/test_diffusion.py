@@ -13,9 +13,9 @@ from dyncompute.diffusion import (
     create_diffusion,
     get_named_beta_schedule,
     make_objective,
+    samplers,  # noqa: F401  (registers ddpm/ddim/ode)
     space_timesteps,
 )
-from dyncompute.diffusion import samplers  # noqa: F401  (registers ddpm/ddim/ode)
 from dyncompute.diffusion.gaussian import discretized_gaussian_log_likelihood, normal_kl
 from dyncompute.diffusion.samplers import DDIMSampler, DDPMSampler, ODESampler
 from dyncompute.registry import SAMPLERS

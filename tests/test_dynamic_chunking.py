@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from dyncompute import DiffusionTransformer, UnknownPluginError
-from dyncompute_plugins.tokenizers.dynamic_chunking import load_official_dcdit, to_official_dcdit
-from dyncompute_plugins.tokenizers.dynamic_chunking import DynamicChunking
+from dyncompute_plugins.tokenizers.dynamic_chunking import DynamicChunking, load_official_dcdit, to_official_dcdit
 from dyncompute_plugins.tokenizers.dynamic_chunking.chunking import drop_tail, nearest_kept
 from dyncompute_plugins.tokenizers.dynamic_chunking.losses import ratio_loss
 
@@ -181,8 +180,8 @@ def test_other_routers_and_dechunkers_train(router, dechunk):
 
 
 def test_ema_raster_repeats_until_next_boundary():
-    from dyncompute_plugins.tokenizers.dynamic_chunking.dechunk import EmaRaster
     from dyncompute.tokens import Tokens
+    from dyncompute_plugins.tokenizers.dynamic_chunking.dechunk import EmaRaster
     mask = torch.tensor([[True, False, True, False]])
     p = torch.tensor([[1.0, 0.1, 0.5, 0.2]])
     z = torch.tensor([[1.0], [3.0]])

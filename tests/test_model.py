@@ -4,12 +4,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from dyncompute import DiffusionTransformer, Tokens, TOKENIZERS, SAMPLERS, DATASETS, REDUCERS, FEATURE_EXTRACTORS
+from dyncompute import DATASETS, FEATURE_EXTRACTORS, REDUCERS, SAMPLERS, TOKENIZERS, DiffusionTransformer, Tokens
 from dyncompute.attention import varlen_attention
-from dyncompute_plugins.tokenizers.patchify import infer_dit_config, load_official_dit, read_official_dit, to_official_dit
 from dyncompute.io import CheckpointError, atomic_save, load_checkpoint
 from dyncompute.layers import grid_positions, sincos_2d
 from dyncompute.registry import UnknownPluginError
+from dyncompute_plugins.tokenizers.patchify import (
+    infer_dit_config,
+    load_official_dit,
+    read_official_dit,
+    to_official_dit,
+)
 
 REF = Path(__file__).resolve().parent / "reference" / "dit_ref_small.pt"  # copied from shared/reference
 

@@ -52,7 +52,8 @@ class LatentFolder(Dataset):
         if array.ndim == 4 and array.shape[0] == 1:  # fast-DiT keeps the batch axis
             array = array[0]
         if array.ndim != 3:
-            raise ValueError(f"feature file {self.features[index]} should be (C, H, W) or (1, C, H, W), has shape {array.shape}")
+            raise ValueError(f"feature file {self.features[index]} should be (C, H, W) or (1, C, H, W), "
+                             f"has shape {array.shape}")
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
 
@@ -63,7 +64,7 @@ def _find_dirs(root: Path) -> tuple[Path, Path]:
     if (root / "features").is_dir() and (root / "labels").is_dir():
         return root / "features", root / "labels"
     pairs = [(f, root / (f.name[: -len("features")] + "labels")) for f in sorted(root.glob("*_features"))]
-    pairs = [(f, l) for f, l in pairs if f.is_dir() and l.is_dir()]
+    pairs = [(f, lab) for f, lab in pairs if f.is_dir() and lab.is_dir()]
     if len(pairs) == 1:
         return pairs[0]
     raise FileNotFoundError(f"no features/ and labels/ folders under {root}; expected {LAYOUT}")

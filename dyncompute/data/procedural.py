@@ -74,7 +74,8 @@ class ProceduralShapes(Dataset):
         self.length, self.seed = length, seed
         self.detail_range = (float(detail_range[0]), float(detail_range[1]))
         self.period = max(4, size // 8)  # texture period in pixels: visible at 16x16, not noise
-        ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+        axis = torch.arange(size, dtype=torch.float32)
+        ys, xs = torch.meshgrid(axis, axis, indexing="ij")
         self._xs, self._ys = xs + 0.5, ys + 0.5  # pixel centres
 
     def __len__(self) -> int:

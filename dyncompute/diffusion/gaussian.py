@@ -10,7 +10,7 @@ IDDPM "learned range" parametrisation (the model returns 2C channels: ε and v) 
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -384,6 +384,6 @@ def _infer_device(model, noise, device):
 
 def _last(outs: Iterator[dict]) -> Tensor:
     out = None
-    for out in outs:
+    for out in outs:  # noqa: B007  (only the last step's output is wanted)
         pass
     return out["sample"]

@@ -102,7 +102,7 @@ class SpacedDiffusion(GaussianDiffusion):
                 self.timestep_map.append(i)
         super().__init__(betas=np.array(new_betas), **kwargs)
 
-    def respace(self, timestep_respacing: str) -> "SpacedDiffusion":
+    def respace(self, timestep_respacing: str) -> SpacedDiffusion:
         """The same diffusion (schedule, variance, loss) over other steps, e.g. ``"250"`` or ``"ddim50"``."""
         return SpacedDiffusion(space_timesteps(self.original_num_steps, timestep_respacing), betas=self.base_betas,
                                var_type=self.var_type, loss_type=self.loss_type)

@@ -35,7 +35,7 @@ class Sampler(abc.ABC):
     _timesteps: Timesteps | None = None
 
     @classmethod
-    def for_objective(cls, objective, **settings) -> "Sampler":
+    def for_objective(cls, objective, **settings) -> Sampler:
         if not isinstance(objective, cls.trains_with):
             raise ValueError(f"sampler {cls.__name__} needs a model trained with {cls.trains_with.__name__}, "
                              f"but this model was trained with {type(objective).__name__}")

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from dyncompute.bench import BenchPair, Timed, counted_flops, register_case, run_cases
 from dyncompute.backbone import Backbone
+from dyncompute.bench import BenchPair, Timed, counted_flops, register_case, run_cases
 from dyncompute.layers import grid_positions
 from dyncompute.model import DiffusionTransformer
 from dyncompute.tokens import Tokens

@@ -2,8 +2,8 @@
 STE gating + residual -> decoder -> FinalLayer."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -66,7 +66,8 @@ class DynamicChunking(Tokenizer):
             raise ValueError(f"hidden_size {hidden_size} is not divisible by enc_dec_factor {enc_dec_factor}")
         D, d, cond_dim = hidden_size, hidden_size // enc_dec_factor, cond_dim or hidden_size
         self.hidden_size, self.width, self.out_channels, self.input_size = D, d, out_channels, input_size
-        self.target_ratio, self.ratio_loss_weight, self.ratio_group_size = target_ratio, ratio_loss_weight, ratio_group_size
+        self.target_ratio, self.ratio_loss_weight = target_ratio, ratio_loss_weight
+        self.ratio_group_size = ratio_group_size
         self.tail_drop, self.budget_set, self.budget_warmup_steps = tail_drop, tuple(budget_set), budget_warmup_steps
 
         self.stem = nn.Conv2d(in_channels, d, 3, padding=1)
