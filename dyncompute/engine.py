@@ -494,6 +494,7 @@ def launch(config: str, bindings: list[str], run_dir: str, backend: str | None =
             with idist.Parallel(backend=backend) as parallel:
                 parallel.run(_train_here, *args, allow_config_change)
     else:
+        processes.start_method([__name__])  # the workers' fork server imports while this process checks
         with scoped([config], bindings):
             settings = bound_arguments(train, "train")
             check_run(run_dir, settings, nproc)

@@ -82,25 +82,27 @@ def load_good_checkpoint(run_dir: str | Path, keys=("model",), quarantine: bool 
     """``(path, state)`` of the newest checkpoint that reads and passes `check_state`, else ``(None, None)``
     when there is none at all.
 
-    A bad one is skipped with a warning naming it (``quarantine`` renames it to ``*.bad`` so that it no
-    longer counts as a checkpoint); when every checkpoint is bad the newest one's problem is raised.
+    Newer bad ones are skipped with a warning naming each (``quarantine`` renames them to ``*.bad`` so
+    that they no longer count as checkpoints); when every checkpoint is bad, the newest one's problem is
+    raised.
     """
-    found = checkpoints(run_dir)
-    first_problem = None
-    for path in reversed(found):
+    problems = []
+    for path in reversed(checkpoints(run_dir)):
         try:
             state = load_checkpoint(path, mmap=mmap)
             check_state(path, state, keys)
         except CheckpointError as e:
-            first_problem = first_problem or e
-            if quarantine:
-                path.rename(path.with_name(path.name + BAD_SUFFIX))
-            log.warning(f"warning: skipping {path}: {e}" + (f" (renamed to {path.name}{BAD_SUFFIX})"
-                                                              if quarantine else ""))
+            problems.append((path, e))
             continue
+        for bad, problem in problems:
+            if quarantine:
+                bad.rename(bad.with_name(bad.name + BAD_SUFFIX))
+            log.warning(f"warning: {problem}; using {path.name} instead"
+                        + (f" (renamed the bad file to {bad.name}{BAD_SUFFIX})" if quarantine else ""))
         return path, state
-    if first_problem is not None:
-        raise CheckpointError(f"{first_problem}; no earlier checkpoint is usable either")
+    if problems:
+        raise CheckpointError(f"{problems[0][1]}" + ("; no earlier checkpoint is usable either"
+                                                     if len(problems) > 1 else ""))
     return None, None
 
 

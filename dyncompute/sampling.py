@@ -16,7 +16,7 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 from .config import bound_arguments
-from .diffusion import make_objective
+from .diffusion import OBJECTIVES, make_objective
 from .errors import ConfigError, Diverged, one_line
 from .io import atomic_write
 from .model import DiffusionTransformer
@@ -82,8 +82,10 @@ def build_sampler(sampler: str, objective: str, learn_sigma: bool, num_steps: in
     cls = SAMPLERS.get(sampler)
     if not isinstance(obj, cls.trains_with):
         fits = [n for n in SAMPLERS.names() if isinstance(obj, SAMPLERS.get(n).trains_with)]
-        raise ConfigError(f"sampler {sampler!r} samples models trained with {cls.trains_with.__name__}, but this "
-                          f"model was trained with train.objective = {objective!r}; use {' or '.join(fits)}")
+        wants = [n for n in OBJECTIVES if isinstance(make_objective(n), cls.trains_with)]
+        raise ConfigError(f"sampler {sampler!r} samples models trained with train.objective = "
+                          f"{' or '.join(map(repr, wants))}, but this one was trained with {objective!r}; "
+                          f"use {' or '.join(fits)}")
     settings = {"num_steps": num_steps, **({} if clip_denoised is None else {"clip_denoised": clip_denoised})}
     try:
         return cls.for_objective(obj, **settings)

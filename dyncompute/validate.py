@@ -153,6 +153,9 @@ def check_data(dataset: str, model) -> Any:
     if data.num_classes > model.num_classes:
         raise ConfigError(f"dataset {dataset!r} has {data.num_classes} classes but DiffusionTransformer.num_classes "
                           f"= {model.num_classes}; the model needs at least as many")
+    x = data[0]["x"]  # one item read as training will read it
+    if x.dtype.is_complex or not x.dtype.is_floating_point or not torch.isfinite(x).all():
+        raise DataError(f"dataset {dataset!r}: item 0 is not finite real floating point ({x.dtype})")
     return data
 
 

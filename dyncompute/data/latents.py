@@ -75,7 +75,7 @@ class LatentFolder(Dataset):
         path = self.labels[index]
         if label.size != 1:
             raise DataError(f"label file {path} should hold one value, has shape {label.shape}")
-        value = label.reshape(())[()]
+        value = label.reshape(()).item()
         integral = np.issubdtype(label.dtype, np.integer) or (
             np.issubdtype(label.dtype, np.floating) and np.isfinite(value) and float(value).is_integer())
         if not integral:
