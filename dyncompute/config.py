@@ -106,8 +106,10 @@ def bindings_of(config_text: str) -> dict[str, str]:
 
 def build_model(config: str | Path, bindings: Iterable[str] = ()):
     """The `DiffusionTransformer` a gin file configures, and the file's latent folder (if it names one)."""
+    from .validate import check_model
+
     with scoped([config], bindings, skip_unknown=RUN_CONFIGURABLES):
-        model = DiffusionTransformer()
+        model = check_model(bound_arguments(DiffusionTransformer, "DiffusionTransformer"), meta=False)
         try:
             root = gin.query_parameter("datasets.latent_folder.root")
         except (ValueError, KeyError):

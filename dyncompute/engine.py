@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import processes
 from .config import bound_arguments, scoped
 from .diffusion import make_objective
-from .errors import ConfigError, Diverged, DyncomputeError, RunDirError, one_line
+from .errors import ConfigError, Diverged, RunDirError, one_line
 from .io import atomic_save, atomic_write, atomic_write_text
 from .model import DiffusionTransformer
 from .observe import Infos, Observed
@@ -53,8 +53,9 @@ from .validate import check_data, check_model, check_processes, check_training
 
 CHECKPOINT_KEYS = ("model", "ema", "optimizer", "trainer")
 # Bindings a resumed run may change freely: they change how a run is watched and saved, not its numbers.
-OPERATIONAL = ("train.progress", "train.num_workers", "train.log_every", "train.checkpoint_every",
-               "train.keep_checkpoints")
+# Modules with such settings of their own (periodic evaluation, say) add theirs.
+OPERATIONAL = {"train.progress", "train.num_workers", "train.log_every", "train.checkpoint_every",
+               "train.keep_checkpoints"}
 
 
 class SampleStream(torch.utils.data.Sampler):
@@ -339,7 +340,7 @@ def open_run(run_dir: Path, config_text: str, allow_config_change: bool, steps: 
                changes={k: list(v) for k, v in changes.items()}, **info)
         try:
             yield
-        except DyncomputeError as e:
+        except BaseException as e:  # a kill leaves no record: the next start's "resume" says so
             last = latest_checkpoint(run_dir)
             record(run_dir, "stopped", error=one_line(e), checkpoint=last.name if last else None)
             if isinstance(e, Diverged) and last is not None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import ignite.distributed as idist
 import torch
 
+from . import __version__
 from .config import RUN_CONFIGURABLES, bindings_of, scoped
 from .errors import CheckpointError, ConfigError, RunDirError
 from .io import TEMP_SUFFIX, load_checkpoint
@@ -193,7 +194,7 @@ def record(run_dir: Path, event: str, **info) -> None:
     """Append one line to the run's history: what ran, when, where, with which changes."""
     entry = {"event": event, "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
              **info, "host": socket.gethostname(), "pid": os.getpid(), "argv": sys.argv,
-             "torch": torch.__version__}
+             "dyncompute": __version__, "torch": torch.__version__}
     with open(run_dir / HISTORY_FILE, "a") as f:
         f.write(json.dumps(entry, default=str) + "\n")
 

@@ -104,9 +104,9 @@ def check_processes(backend: str | None, nproc_per_node: int | None) -> int:
     return nproc_per_node
 
 
-def check_model(kwargs: dict) -> torch.nn.Module:
-    """`DiffusionTransformer`'s arguments, then the model itself built from them (on the meta device when
-    the plugins allow it, so that checking a large model costs no memory)."""
+def check_model(kwargs: dict, meta: bool = True) -> torch.nn.Module:
+    """`DiffusionTransformer`'s arguments, then the model itself built from them; ``meta``: on the meta
+    device where the plugins allow it, so that checking a large model costs no memory."""
     from .model import DiffusionTransformer
 
     for key in ("input_size", "in_channels", "num_classes", "hidden_size", "depth", "num_heads"):
@@ -119,13 +119,14 @@ def check_model(kwargs: dict) -> torch.nn.Module:
                 high_open=True)
     need_bool("DiffusionTransformer.learn_sigma", kwargs["learn_sigma"])
     try:
-        try:
-            with torch.device("meta"):
-                return DiffusionTransformer()
-        except RuntimeError as e:  # a plugin that looks at tensor values while it is built
-            if "meta" not in str(e):
-                raise
-            return DiffusionTransformer()
+        if meta:
+            try:
+                with torch.device("meta"):
+                    return DiffusionTransformer()
+            except RuntimeError as e:  # a plugin that looks at tensor values while it is built
+                if "meta" not in str(e):
+                    raise
+        return DiffusionTransformer()
     except UserError:
         raise
     except (*BUILD_ERRORS, RuntimeError) as e:

@@ -118,12 +118,3 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "not a run directory" in capsys.readouterr().err
     assert main(["train", str(tmp_path / "missing.gin")]) == 2
     assert "gin file not found" in capsys.readouterr().err
-
-
-def test_two_process_gloo_training(gin_file, tmp_path):
-    """ignite.distributed: the same code on two CPU processes (gloo) writes one run directory."""
-    from dyncompute.engine import launch
-
-    steps = launch(str(gin_file), ["train.steps = 2"], str(tmp_path / "ddp"), backend="gloo", nproc_per_node=2)
-    assert steps == 2
-    assert list(pd.read_csv(tmp_path / "ddp" / "metrics.csv")["step"]) == [1, 2]
