@@ -6,7 +6,6 @@ Parsing imports no torch, so ``dyncompute --help`` answers at once; each command
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import traceback
 
@@ -125,9 +124,10 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     args = build_parser().parse_args([a for a in argv if a != "--debug"])
-    logging.getLogger("ignite").setLevel(logging.WARNING)  # ignite narrates every launch at INFO
     from . import commands
-    from .errors import DyncomputeError, one_line
+    from .errors import DyncomputeError, one_line, quiet_libraries
+
+    quiet_libraries()
 
     try:
         getattr(commands, args.command)(args)

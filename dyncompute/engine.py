@@ -371,18 +371,7 @@ def _train(run_dir: Path, s: dict, data=None) -> dict:
     metrics = _attach_logging(trainer, run_dir, s["log_every"], s["progress"] and rank == 0)
     to_save = {"model": model, "ema": ema.ema_model, "optimizer": optimizer, "trainer": trainer}
     saver = _attach_checkpoints(trainer, to_save, run_dir, s["checkpoint_every"], s["keep_checkpoints"], metrics)
-
-    _, state = load_good_checkpoint(run_dir, CHECKPOINT_KEYS)
-    if state is not None:
-        try:
-            Checkpoint.load_objects(to_load=to_save, checkpoint=state)
-        except (RuntimeError, KeyError, ValueError) as e:  # a config changed with --allow-config-change
-            raise ConfigError(f"the newest checkpoint of {run_dir} does not fit this config: "
-                              f"{str(e).splitlines()[0]}") from e
-        del state
-    saver.load_state_dict({"_saved": [(checkpoint_step(p), p.name) for p in checkpoints(run_dir)]})
-    if rank == 0:
-        metrics.resume(trainer.state.iteration)
+    _restore(run_dir, to_save, saver, metrics)
     steps = s["steps"]
     if trainer.state.iteration < steps:
         trainer.state.max_iters = steps  # a resumed run may be extended to more steps
@@ -396,6 +385,21 @@ def _train(run_dir: Path, s: dict, data=None) -> dict:
                 metrics.flush()  # rows past the newest checkpoint are cut again on resume
     return {"run_dir": str(run_dir), "steps": trainer.state.iteration, "model": model, "ema": ema.ema_model,
             "metrics": metrics.frame() if rank == 0 else pd.DataFrame()}
+
+
+def _restore(run_dir: Path, to_save: dict, saver: Checkpoint, metrics: MetricsLog) -> None:
+    """Load the newest good checkpoint (if any) and cut the metrics back to it; the checkpoints on disk
+    count towards ``keep_checkpoints``."""
+    _, state = load_good_checkpoint(run_dir, CHECKPOINT_KEYS)
+    if state is not None:
+        try:
+            Checkpoint.load_objects(to_load=to_save, checkpoint=state)
+        except (RuntimeError, KeyError, ValueError) as e:  # a config changed with --allow-config-change
+            raise ConfigError(f"the newest checkpoint of {run_dir} does not fit this config: "
+                              f"{str(e).splitlines()[0]}") from e
+    saver.load_state_dict({"_saved": [(checkpoint_step(p), p.name) for p in checkpoints(run_dir)]})
+    if idist.get_rank() == 0:
+        metrics.resume(to_save["trainer"].state.iteration)
 
 
 def _attach_checkpoints(trainer: Engine, to_save: dict, run_dir: Path, every: int, keep: int,

@@ -6,6 +6,7 @@ Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import logging
 import re
 
 
@@ -55,3 +56,19 @@ def one_line(error: BaseException) -> str:
         match = re.fullmatch(r"[\w.]+: (.*)", lines[-1].strip())
         return match.group(1) if match else lines[-1].strip()
     return lines[0]
+
+
+# Library loggers that narrate a launch or repeat an error that is raised anyway: the command line
+# prints an error once, as one line.
+_QUIET = {
+    "ignite": logging.WARNING,
+    "ignite.distributed.launcher.Parallel": logging.WARNING,  # ignite keeps a logger made before its own
+    "ignite.distributed.auto.auto_model": logging.WARNING,
+    "ignite.engine.engine.Engine": logging.CRITICAL,  # logs the exception it re-raises
+    "torch.multiprocessing.spawn": logging.ERROR,  # "terminating process ..." after a worker failed
+}
+
+
+def quiet_libraries() -> None:
+    for name, level in _QUIET.items():
+        logging.getLogger(name).setLevel(level)

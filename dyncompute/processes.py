@@ -24,7 +24,7 @@ import torch
 import torch.multiprocessing as mp
 
 from . import errors as error_kinds
-from .errors import DyncomputeError, UserError, one_line
+from .errors import DyncomputeError, UserError, one_line, quiet_libraries
 from .registry import ENTRY_POINT_GROUP
 
 _PR_SET_PDEATHSIG = 1
@@ -70,6 +70,7 @@ def worker(launcher_pid: int | None, errors=None):
     launcher as one line (this process then exits with the error's status, without a traceback)."""
     if launcher_pid is not None:
         exit_with(launcher_pid)
+    quiet_libraries()  # as in the CLI: an error reaches the launcher and is printed there, once
     if "OMP_NUM_THREADS" not in os.environ:  # as torchrun does: the node's cores shared, not oversubscribed
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // idist.get_nproc_per_node()))
     try:
