@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import processes
 from .config import bound_arguments, scoped
 from .diffusion import make_objective
-from .errors import ConfigError, Diverged, RunDirError, one_line
+from .errors import CheckpointError, ConfigError, Diverged, RunDirError, one_line
 from .io import atomic_save, atomic_write, atomic_write_text
 from .model import DiffusionTransformer
 from .observe import Infos, Observed
@@ -332,7 +332,11 @@ def open_run(run_dir: Path, config_text: str, allow_config_change: bool, steps: 
         check_config_change(run_dir, changes, OPERATIONAL, "train.steps", allow_config_change)
         (run_dir / CHECKPOINT_DIR).mkdir(exist_ok=True)
         clean_temp_files(run_dir)
-        path, state = load_good_checkpoint(run_dir, CHECKPOINT_KEYS, quarantine=True, mmap=True)
+        try:
+            path, state = load_good_checkpoint(run_dir, CHECKPOINT_KEYS, quarantine=True, mmap=True)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}; move the checkpoints away (or use another --run-dir) to train from "
+                                  "scratch") from e
         start = state["trainer"]["iteration"] if state else 0
         del state
         atomic_write_text(config_text, run_dir / CONFIG_FILE)
