@@ -6,8 +6,8 @@ Parsing imports no torch, so ``dyncompute --help`` answers at once; each command
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
+import traceback
 
 
 def _train(sub) -> None:
@@ -17,6 +17,9 @@ def _train(sub) -> None:
     p.add_argument("--bind", "-b", action="append", default=[], help="extra gin binding, repeatable")
     p.add_argument("--backend", choices=["nccl", "gloo"], help="ignite.distributed backend (default: one process)")
     p.add_argument("--nproc-per-node", type=int, help="processes to spawn on this node (with --backend)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="go on from the run directory's checkpoint although the config differs from its config.gin "
+                   "(without it only train.steps may grow)")
 
 
 def _sample(sub) -> None:
@@ -110,6 +113,7 @@ COMMANDS = [_train, _sample, _plugins, _quickstart, _bench, _flops, _match, _vie
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dyncompute", description="A research framework for dynamic-compute "
                                      "diffusion transformers: train, sample, count and compare.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (anywhere on the line)")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
@@ -117,15 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.getLogger("ignite").setLevel(logging.WARNING)  # ignite narrates every launch at INFO
+    """Run a command. A user error prints one line and returns its status (2: bad input, 3: diverged);
+    ``--debug`` adds the traceback. Any other exception is a bug and propagates with its traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     from . import commands
+    from .errors import DyncomputeError, one_line, quiet_libraries
+
+    quiet_libraries()
 
     try:
         getattr(commands, args.command)(args)
-    except (ValueError, FileNotFoundError, KeyError, TypeError, RuntimeError) as e:
-        print(f"dyncompute {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except (DyncomputeError, FileNotFoundError) as e:  # a missing file is named by its message
+        if debug:
+            traceback.print_exc()
+        print(f"dyncompute {args.command}: error: {one_line(e)}", file=sys.stderr)
+        return getattr(e, "exit_status", 2)
     return 0
 
 

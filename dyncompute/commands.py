@@ -13,23 +13,30 @@ def train(args) -> None:
     from .engine import launch
 
     run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
-    steps = launch(args.config, args.bind, run_dir, backend=args.backend, nproc_per_node=args.nproc_per_node)
+    steps = launch(args.config, args.bind, run_dir, backend=args.backend, nproc_per_node=args.nproc_per_node,
+                   allow_config_change=args.allow_config_change)
     print(f"trained {steps} steps -> {run_dir}")
 
 
 def sample(args) -> None:
     from .config import scoped
     from .engine import run_objective
+    from .errors import UserError
     from .runs import load_run
-    from .sampling import generate, save_samples
+    from .sampling import check_sampler, generate, save_samples
 
+    out = Path(args.out or Path(args.run_dir) / "samples")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    settings = {"num_samples": args.num_samples, "sampler": args.sampler, "num_steps": args.steps,
+                "cfg_scale": args.cfg_scale, "seed": args.seed, "objective": run_objective(args.run_dir)}
+    bindings = [f"generate.{k} = {v!r}" for k, v in settings.items() if v is not None] + args.bind
+    with scoped([], bindings):
+        check_sampler()  # before any weights are read
     model = load_run(args.run_dir, weights=args.weights)
-    settings = dict(num_samples=args.num_samples, sampler=args.sampler, num_steps=args.steps,
-                    cfg_scale=args.cfg_scale, seed=args.seed, objective=run_objective(args.run_dir))
-    bindings = [f"generate.{k} = {v!r}" for k, v in settings.items() if v is not None]
-    with scoped([], bindings + args.bind):
+    with scoped([], bindings):
         result = generate(model, progress=True)
-    files = save_samples(result.images, args.out or Path(args.run_dir) / "samples")
+    files = save_samples(result.images, out)
     print(json.dumps({**files, "nfe": result.nfe, "num_samples": len(result.images)}))
 
 

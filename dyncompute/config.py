@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
 import gin
 
+from .errors import ConfigError, one_line
 from .model import DiffusionTransformer
 from .registry import load_plugins
 
@@ -31,10 +34,6 @@ logging.getLogger().addFilter(_QuietSearchMisses())
 RUN_CONFIGURABLES = ["train", "generate"]
 
 
-class ConfigError(ValueError):
-    """A gin file or binding that cannot be parsed or does not match a configurable."""
-
-
 def parse(files: Iterable[str | Path] = (), bindings: Iterable[str] = (), skip_unknown: bool | list = False) -> None:
     """Parse gin files then bindings (later bindings win); errors name the file or binding.
 
@@ -52,12 +51,22 @@ def parse(files: Iterable[str | Path] = (), bindings: Iterable[str] = (), skip_u
         try:
             gin.parse_config_file(str(path), skip_unknown=skip_unknown)
         except Exception as e:  # gin raises SyntaxError/ValueError/KeyError variants
-            raise ConfigError(f"malformed gin file {path}: {e}") from e
+            raise ConfigError(f"malformed gin file {path}: {_gin_problem(e)}") from e
     for b in bindings:
         try:
             gin.parse_config(b, skip_unknown=skip_unknown)
         except Exception as e:
-            raise ConfigError(f"bad gin binding {b!r}: {e}") from e
+            raise ConfigError(f"bad gin binding {b!r}: {_gin_problem(e)}") from e
+
+
+def _gin_problem(error: Exception) -> str:
+    """gin's message on one line, with the position of a syntax error."""
+    where = f" (line {error.lineno}, column {error.offset})" if isinstance(error, SyntaxError) and error.lineno else ""
+    if isinstance(error, SyntaxError) and error.msg:
+        return error.msg + where
+    if len(error.args) == 2 and isinstance(error.args[0], str) and isinstance(error.args[1], tuple):
+        return error.args[0]  # tokenize.TokenError: (message, (line, column))
+    return one_line(error)
 
 
 @contextlib.contextmanager
@@ -71,10 +80,36 @@ def scoped(files: Iterable[str | Path] = (), bindings: Iterable[str] = (), skip_
         gin.clear_config()
 
 
+def bound_arguments(configurable, name: str) -> dict:
+    """The keyword arguments gin will call ``configurable`` with: its defaults, then the bindings of ``name``."""
+    defaults = {k: p.default for k, p in inspect.signature(configurable).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return {**defaults, **gin.get_bindings(name)}
+
+
+def bindings_of(config_text: str) -> dict[str, str]:
+    """``{"train.lr": "0.001", ...}`` from a config string as `gin.config_str` writes it (values may
+    continue over indented lines); comments and blank lines are skipped."""
+    out: dict[str, str] = {}
+    key = None
+    for line in config_text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        start = re.match(r"(\S+) = ?(.*)$", line)
+        if start and not line[0].isspace():
+            key = start.group(1)
+            out[key] = start.group(2).rstrip("\\").strip()
+        elif key is not None:
+            out[key] += line.strip()
+    return out
+
+
 def build_model(config: str | Path, bindings: Iterable[str] = ()):
     """The `DiffusionTransformer` a gin file configures, and the file's latent folder (if it names one)."""
+    from .validate import check_model
+
     with scoped([config], bindings, skip_unknown=RUN_CONFIGURABLES):
-        model = DiffusionTransformer()
+        model = check_model(bound_arguments(DiffusionTransformer, "DiffusionTransformer"), meta=False)
         try:
             root = gin.query_parameter("datasets.latent_folder.root")
         except (ValueError, KeyError):

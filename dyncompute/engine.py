@@ -1,30 +1,61 @@
 """Training with pytorch-ignite: trainer engine, EMA, atomic resumable checkpoints, metrics CSV.
 
-A run directory holds ``config.gin`` (every binding of the run), ``operative_config.gin`` (what was
-actually used), ``checkpoints/`` (ignite `Checkpoint`, atomic) and ``metrics.csv``. Calling
-``train`` on a run directory that has checkpoints resumes from the latest one.
+A run directory (see :mod:`dyncompute.runs`) holds ``config.gin``, ``operative_config.gin``,
+``checkpoints/``, ``metrics.csv`` and ``history.jsonl``. Calling ``train`` on a run directory that has
+checkpoints resumes from the newest good one, exactly, on any number of processes. Every setting is
+checked before anything is written; a changed config is refused; a non-finite loss stops the run
+before it reaches the weights.
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import gin
 import ignite.distributed as idist
+import numpy as np
 import pandas as pd
 import torch
 from ignite.engine import Engine, Events
-from ignite.handlers import Checkpoint, DiskSaver, EMAHandler, TerminateOnNan
+from ignite.handlers import Checkpoint, EMAHandler
+from ignite.handlers.checkpoint import BaseSaveHandler
 from tqdm.auto import tqdm
 
-from .config import scoped
+from . import processes
+from .config import bound_arguments, scoped
 from .diffusion import make_objective
-from .io import atomic_write, atomic_write_text, load_checkpoint
+from .errors import CheckpointError, ConfigError, Diverged, RunDirError, one_line
+from .io import atomic_save, atomic_write, atomic_write_text
 from .model import DiffusionTransformer
 from .observe import Infos, Observed
 from .registry import DATASETS
-from .runs import CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, checkpoint_step, latest_checkpoint, resolve_device
+from .runs import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    check_config_change,
+    check_run_dir,
+    checkpoint_step,
+    checkpoints,
+    clean_temp_files,
+    config_changes,
+    latest_checkpoint,
+    load_good_checkpoint,
+    non_finite,
+    record,
+    resolve_device,
+    run_lock,
+)
+from .validate import check_data, check_model, check_processes, check_training
+
+CHECKPOINT_KEYS = ("model", "ema", "optimizer", "trainer")
+# Bindings a resumed run may change freely: they change how a run is watched and saved, not its numbers.
+# Modules with such settings of their own (periodic evaluation, say) add theirs.
+OPERATIONAL = {"train.progress", "train.num_workers", "train.log_every", "train.checkpoint_every",
+               "train.keep_checkpoints"}
 
 
 class SampleStream(torch.utils.data.Sampler):
@@ -54,14 +85,23 @@ class SampleStream(torch.utils.data.Sampler):
             j += 1
 
 
-class RNGState:
-    """The global torch RNG (timesteps, noise, label dropout), checkpointed for an exact resume."""
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """A 64-bit seed mixed from (seed, rank, step) by numpy's SeedSequence: no two of them collide in practice."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0])
 
-    def state_dict(self) -> dict:
-        return {"torch": torch.get_rng_state()}
 
-    def load_state_dict(self, state: dict) -> None:
-        torch.set_rng_state(state["torch"])
+class StepSeed:
+    """Seeds the global RNG (timesteps, noise, label dropout) at every step from (seed, rank, step).
+
+    Each step's draws then depend on nothing that came before, so a run resumed on any number of
+    processes draws exactly what an uninterrupted one would, with no random state to checkpoint.
+    """
+
+    def __init__(self, seed: int, rank: int = 0):
+        self.seed, self.rank = seed, rank
+
+    def __call__(self, engine: Engine) -> None:
+        torch.manual_seed(step_seed(self.seed, self.rank, engine.state.iteration))
 
 
 @dataclass
@@ -91,6 +131,7 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        stop_if_not_finite(engine.state.iteration, loss, grad_norm)
         self.optimizer.step()
         out = {"loss": loss.item(), "grad_norm": grad_norm.item()}
         out.update({k: v.mean().item() for k, v in terms.items() if k != "loss"})
@@ -98,6 +139,17 @@ class TrainStep:
         out["tokens_per_sample"] = sum(info.tokens_per_sample) / len(info.tokens_per_sample)
         out.update({k: float(v) for k, v in budget.items()})
         return out
+
+
+def stop_if_not_finite(step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+    """Stop before a non-finite loss or gradient reaches the weights, on every process alike."""
+    bad = (~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)).float().reshape(1)
+    if idist.get_world_size() > 1:
+        bad = idist.all_reduce(bad, op="MAX")
+    if bad.item():
+        raise Diverged(f"training diverged at step {step}: loss {loss.item():.4g}, gradient norm "
+                       f"{grad_norm.item():.4g}; the step was not applied and no non-finite weights were saved; "
+                       "lower train.lr, raise train.warmup_steps or check the data")
 
 
 class MultiBudget:
@@ -121,42 +173,102 @@ class MultiBudget:
 
 
 def create_trainer(model, objective, optimizer, grad_clip: float = 1.0, device="cpu", amp: bool = False,
-                   budgets: tuple[tuple[dict, ...], int] = ((), 0)) -> Engine:
-    """The ignite trainer: one `TrainStep` per iteration, a per-step budget, a NaN guard."""
+                   budgets: tuple[tuple[dict, ...], int] = ((), 0), seed: int | None = None) -> Engine:
+    """The ignite trainer: one `TrainStep` per iteration (which stops on a non-finite loss), a per-step
+    budget and, given a ``seed``, per-step seeding of the global RNG (`StepSeed`)."""
     trainer = Engine(TrainStep(model, objective, optimizer, grad_clip, torch.device(device), amp))
+    if seed is not None:
+        trainer.add_event_handler(Events.ITERATION_STARTED, StepSeed(seed, idist.get_rank()))
     trainer.add_event_handler(Events.ITERATION_STARTED, MultiBudget(*budgets))
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, TerminateOnNan(lambda out: out["loss"]))
     return trainer
 
 
 class MetricsLog:
-    """Rows of step metrics, rewritten atomically as CSV (a resumed run keeps the earlier rows)."""
+    """Every step's metrics in ``metrics.csv``, appended every ``every`` steps and before each checkpoint
+    (so the file always covers the newest checkpoint); a resume first cuts it back to the checkpoint."""
 
     def __init__(self, path: Path, every: int):
-        self.path, self.every, self.rows = path, every, []
+        self.path, self.every, self.pending, self.columns = path, every, [], None
         self._t0 = time.perf_counter()
 
     def resume(self, step: int) -> None:
         """Keep the rows up to ``step``; ``seconds`` keeps counting training time across restarts."""
-        if self.path.exists() and step > 0:
-            self.rows = [r for r in pd.read_csv(self.path).to_dict("records") if r["step"] <= step]
-            if self.rows:
-                self._t0 = time.perf_counter() - self.rows[-1]["seconds"]
+        rows = read_metrics(self.path, step)
+        if rows:
+            frame = pd.DataFrame(rows)
+            atomic_write(self.path, lambda tmp: frame.to_csv(tmp, index=False))
+            self.columns = list(frame.columns)
+            self._t0 = time.perf_counter() - rows[-1]["seconds"]
+        else:
+            self.path.unlink(missing_ok=True)
 
     def __call__(self, engine: Engine) -> None:
         step = engine.state.iteration
-        row = {"step": step, **engine.state.output, "lr": engine.state.lr,
-               "seconds": time.perf_counter() - self._t0}
-        self.rows.append(row)
-        if step % self.every == 0 or step == engine.state.max_iters:
+        self.pending.append({"step": step, **engine.state.output, "lr": engine.state.lr,
+                             "seconds": time.perf_counter() - self._t0})
+        if step % self.every == 0:
             self.flush()
 
     def flush(self) -> None:
-        df = pd.DataFrame(self.rows)
-        atomic_write(self.path, lambda tmp: df.to_csv(tmp, index=False))
+        """Append the pending rows; rewrite the file (atomically) when a new column appears."""
+        if not self.pending:
+            return
+        new = [k for row in self.pending for k in row if k not in (self.columns or [])]
+        if self.columns is None or new:
+            frame = pd.DataFrame((read_metrics(self.path) if self.columns else []) + self.pending)
+            atomic_write(self.path, lambda tmp: frame.to_csv(tmp, index=False))
+            self.columns = list(frame.columns)
+        else:
+            with open(self.path, "a") as f:
+                pd.DataFrame(self.pending, columns=self.columns).to_csv(f, header=False, index=False)
+        self.pending = []
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(read_metrics(self.path))
 
 
-@gin.configurable(denylist=["run_dir"])
+def read_metrics(path: Path, upto: int | None = None) -> list[dict]:
+    """The rows of a metrics CSV with increasing steps up to ``upto``; a row a killed run left half-written
+    is dropped."""
+    try:
+        records = pd.read_csv(path, on_bad_lines="skip").to_dict("records")
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        return []
+    rows, last = [], 0
+    for row in records:
+        step = row.get("step")
+        if not isinstance(step, (int, float)) or not math.isfinite(step) or step <= last:
+            continue
+        if upto is not None and step > upto:
+            break
+        rows.append({**row, "step": int(step)})
+        last = step
+    return rows
+
+
+class RunSaver(BaseSaveHandler):
+    """Checkpoint files for ignite's `Checkpoint`: written atomically by rank 0, only with finite weights,
+    and an old file is deleted only after its successor is on disk."""
+
+    def __init__(self, dirname: Path):
+        self.dirname, self._doomed = Path(dirname), []
+
+    def __call__(self, checkpoint, filename: str, metadata=None) -> None:
+        for key in ("model", "ema"):
+            if bad := non_finite(checkpoint[key]):
+                raise Diverged(f"refusing to save {filename}: {len(bad)} non-finite {key} tensors (e.g. {bad[0]})")
+        if idist.get_rank() == 0:
+            atomic_save(checkpoint, self.dirname / filename)
+            for name in self._doomed:
+                if name != filename:
+                    (self.dirname / name).unlink(missing_ok=True)
+        self._doomed = []
+
+    def remove(self, filename: str) -> None:
+        self._doomed.append(filename)
+
+
+@gin.configurable(denylist=["run_dir", "allow_config_change", "prepared"])
 def train(
     run_dir: str | Path,
     dataset: str = "procedural",
@@ -169,62 +281,159 @@ def train(
     grad_clip: float = 1.0,
     ema_decay: float = 0.9999,
     checkpoint_every: int = 500,
+    keep_checkpoints: int = 2,
     log_every: int = 10,
     seed: int = 0,
     num_workers: int = 0,
     device: str = "auto",
     progress: bool = True,
+    allow_config_change: bool = False,
+    prepared: bool = False,
 ) -> dict:
-    """Train ``DiffusionTransformer()`` (configured by gin) on a registered dataset; resumes if possible."""
-    run_dir = Path(run_dir)
-    (run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
-    if idist.get_rank() == 0:
-        atomic_write_text(gin.config_str(), run_dir / CONFIG_FILE)
-    torch.manual_seed(seed)
-    dev = resolve_device(device)
-    data = DATASETS.build(dataset)
-    model = DiffusionTransformer().to(dev)
-    if (data.channels, data.size) != (model.in_channels, model.input_size):
-        raise ValueError(f"dataset gives {data.channels}x{data.size}x{data.size} images but the model expects "
-                         f"{model.in_channels}x{model.input_size}x{model.input_size}")
-    obj = make_objective(objective, learn_sigma=model.learn_sigma)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    holder: dict = {}  # the sample stream reads the trainer's position when an iterator starts
-    loader = build_loader(data, batch_size, seed, lambda: holder["trainer"].state.iteration, num_workers, dev)
-    trainer = create_trainer(idist.auto_model(model), obj, idist.auto_optim(optimizer), grad_clip, dev,
-                             amp=dev.type == "cuda", budgets=model.tokenizer.training_budgets())
-    holder["trainer"] = trainer
-    torch.manual_seed(seed + idist.get_rank())  # ranks share the init (DDP broadcasts it), not the noise
-    ema = EMAHandler(model, momentum=1.0 - ema_decay)
-    ema.attach(trainer, name="ema_momentum", event=Events.ITERATION_COMPLETED)
-    _attach_lr_warmup(trainer, optimizer, lr, warmup_steps)
-    to_save = {"model": model, "ema": ema.ema_model, "optimizer": optimizer,
-               "trainer": trainer, "rng": RNGState()}
-    saver = Checkpoint(to_save, DiskSaver(run_dir / CHECKPOINT_DIR, require_empty=False, atomic=True),
-                       n_saved=2, global_step_transform=lambda e, _: e.state.iteration)
-    trainer.add_event_handler(Events.ITERATION_COMPLETED(every=checkpoint_every) | Events.COMPLETED, saver)
-    metrics = _attach_logging(trainer, run_dir, log_every, progress)
+    """Train ``DiffusionTransformer()`` (configured by gin) on a registered dataset; resumes if possible.
 
-    last = latest_checkpoint(run_dir)
-    if last is not None:
-        Checkpoint.load_objects(to_load=to_save, checkpoint=load_checkpoint(last))
-        metrics.resume(trainer.state.iteration)
+    Every setting is checked first and nothing is written when one is wrong. The run directory's config
+    is fixed: a different one is refused unless it only extends ``steps`` (or changes `OPERATIONAL`
+    bindings), or ``allow_config_change``. ``prepared``: a launcher has done the checks and holds the run
+    directory (its worker processes pass it). ``keep_checkpoints``: how many newest checkpoints stay.
+    """
+    run_dir = Path(run_dir)
+    settings = {k: v for k, v in locals().items() if k not in ("run_dir", "allow_config_change", "prepared")}
+    if prepared:
+        return _train(run_dir, settings)
+    world = idist.get_world_size()
+    data = check_run(run_dir, settings, world)
+    holder = open_run(run_dir, gin.config_str(), allow_config_change, steps, processes=world,
+                      backend=idist.backend()) if idist.get_rank() == 0 else contextlib.nullcontext()
+    with holder:
+        if world > 1:
+            idist.barrier()  # the other ranks start once rank 0 holds the run directory
+        return _train(run_dir, settings, data)
+
+
+def check_run(run_dir: Path, settings: dict, world: int):
+    """Everything checked before a run starts, nothing written: training settings, model, data, the
+    run directory. Returns the dataset."""
+    check_training(settings, world)
+    model = check_model(bound_arguments(DiffusionTransformer, "DiffusionTransformer"))
+    data = check_data(settings["dataset"], model)
+    check_run_dir(run_dir)
+    return data
+
+
+@contextlib.contextmanager
+def open_run(run_dir: Path, config_text: str, allow_config_change: bool, steps: int, **info):
+    """Hold the run directory for a run: lock it, refuse a changed config, clean up after killed runs
+    (temp files; bad checkpoints renamed aside), fix ``config.gin`` and record the start in the history;
+    record how the run ended."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir):
+        changes = config_changes(run_dir, config_text)
+        check_config_change(run_dir, changes, OPERATIONAL, "train.steps", allow_config_change)
+        (run_dir / CHECKPOINT_DIR).mkdir(exist_ok=True)
+        clean_temp_files(run_dir)
+        try:
+            path, state = load_good_checkpoint(run_dir, CHECKPOINT_KEYS, quarantine=True, mmap=True)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}; move the checkpoints away (or use another --run-dir) to train from "
+                                  "scratch") from e
+        start = state["trainer"]["iteration"] if state else 0
+        del state
+        atomic_write_text(config_text, run_dir / CONFIG_FILE)
+        record(run_dir, "resume" if path else "start", step=start, steps=steps,
+               changes={k: list(v) for k, v in changes.items()}, **info)
+        try:
+            yield
+        except BaseException as e:  # a kill leaves no record: the next start's "resume" says so
+            last = latest_checkpoint(run_dir)
+            record(run_dir, "stopped", error=one_line(e), checkpoint=last.name if last else None)
+            if isinstance(e, Diverged) and last is not None:
+                raise Diverged(f"{one_line(e)}; the newest checkpoint, {last.name}, is finite") from e
+            raise
+        last = latest_checkpoint(run_dir)
+        record(run_dir, "finished", step=checkpoint_step(last) if last else 0)
+
+
+def _train(run_dir: Path, s: dict, data=None) -> dict:
+    """The training itself, on this process; the run directory is held and checked (`open_run`)."""
+    rank = idist.get_rank()
+    torch.manual_seed(s["seed"])  # every rank builds the same initial model
+    dev = resolve_device(s["device"])
+    data = data if data is not None else DATASETS.build(s["dataset"])
+    model = DiffusionTransformer().to(dev)
+    obj = make_objective(s["objective"], learn_sigma=model.learn_sigma)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
+    holder: dict = {}  # the sample stream reads the trainer's position when an iterator starts
+    loader = build_loader(data, s["batch_size"], s["seed"], lambda: holder["trainer"].state.iteration,
+                          s["num_workers"], dev)
+    trainer = create_trainer(idist.auto_model(model), obj, idist.auto_optim(optimizer), s["grad_clip"], dev,
+                             amp=dev.type == "cuda", budgets=model.tokenizer.training_budgets(), seed=s["seed"])
+    holder["trainer"] = trainer
+    ema = EMAHandler(model, momentum=1.0 - s["ema_decay"])
+    ema.attach(trainer, name="ema_momentum", event=Events.ITERATION_COMPLETED)
+    _attach_lr_warmup(trainer, optimizer, s["lr"], s["warmup_steps"])
+    metrics = _attach_logging(trainer, run_dir, s["log_every"], s["progress"] and rank == 0)
+    to_save = {"model": model, "ema": ema.ema_model, "optimizer": optimizer, "trainer": trainer}
+    saver = _attach_checkpoints(trainer, to_save, run_dir, s["checkpoint_every"], s["keep_checkpoints"], metrics)
+    _restore(run_dir, to_save, saver, metrics)
+    steps = s["steps"]
     if trainer.state.iteration < steps:
         trainer.state.max_iters = steps  # a resumed run may be extended to more steps
-        trainer.run(loader, max_iters=steps, epoch_length=max(1, len(data) // batch_size))
+        epoch_length = max(1, len(data) // s["batch_size"])
+        if trainer.state.epoch_length:  # a batch size changed with allow_config_change changes it
+            trainer.state.epoch_length = epoch_length
+        try:
+            trainer.run(loader, max_iters=steps, epoch_length=epoch_length)
+        finally:
+            if rank == 0:
+                metrics.flush()  # rows past the newest checkpoint are cut again on resume
     return {"run_dir": str(run_dir), "steps": trainer.state.iteration, "model": model, "ema": ema.ema_model,
-            "metrics": pd.DataFrame(metrics.rows)}
+            "metrics": metrics.frame() if rank == 0 else pd.DataFrame()}
+
+
+def _restore(run_dir: Path, to_save: dict, saver: Checkpoint, metrics: MetricsLog) -> None:
+    """Load the newest good checkpoint (if any) and cut the metrics back to it; the checkpoints on disk
+    count towards ``keep_checkpoints``."""
+    _, state = load_good_checkpoint(run_dir, CHECKPOINT_KEYS)
+    if state is not None:
+        try:
+            Checkpoint.load_objects(to_load=to_save, checkpoint=state)
+        except (RuntimeError, KeyError, ValueError) as e:  # a config changed with --allow-config-change
+            raise ConfigError(f"the newest checkpoint of {run_dir} does not fit this config: "
+                              f"{str(e).splitlines()[0]}") from e
+    saver.load_state_dict({"_saved": [(checkpoint_step(p), p.name) for p in checkpoints(run_dir)]})
+    if idist.get_rank() == 0:
+        metrics.resume(to_save["trainer"].state.iteration)
+
+
+def _attach_checkpoints(trainer: Engine, to_save: dict, run_dir: Path, every: int, keep: int,
+                        metrics: MetricsLog) -> Checkpoint:
+    """Checkpoints every ``every`` steps and at the end, the newest ``keep`` kept (across restarts too);
+    the metrics are flushed first, so ``metrics.csv`` always reaches the newest checkpoint."""
+    saver = Checkpoint(to_save, RunSaver(run_dir / CHECKPOINT_DIR), n_saved=keep,
+                       global_step_transform=lambda e, _: e.state.iteration)
+    saved = {"step": None}
+
+    def checkpoint(engine: Engine) -> None:
+        if saved["step"] == engine.state.iteration:  # COMPLETED right after a periodic save
+            return
+        if idist.get_rank() == 0:
+            metrics.flush()
+        saver(engine)
+        saved["step"] = engine.state.iteration
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(every=every) | Events.COMPLETED, checkpoint)
+    return saver
 
 
 def build_loader(data, batch_size: int, seed: int, position, num_workers: int, device: torch.device):
     """A loader over this rank's share of a resumable `SampleStream`."""
     world = idist.get_world_size()
     if batch_size % world:
-        raise ValueError(f"batch_size {batch_size} is not divisible by the {world} processes")
+        raise ConfigError(f"train.batch_size = {batch_size} is not divisible by the {world} processes")
     per_rank = batch_size // world
     stream = SampleStream(len(data), per_rank, seed, position, idist.get_rank(), world)
-    # the loader draws worker seeds from its own generator, never from the global RNG that the
-    # checkpoint restores (else where ignite restarts an iterator would shift every later draw)
+    # the loader draws worker seeds from its own generator, never from the global RNG
     return torch.utils.data.DataLoader(data, batch_size=per_rank, sampler=stream, num_workers=num_workers,
                                        pin_memory=device.type == "cuda",
                                        generator=torch.Generator().manual_seed(seed))
@@ -235,7 +444,6 @@ def _attach_logging(trainer: Engine, run_dir: Path, log_every: int, progress: bo
     metrics = MetricsLog(run_dir / METRICS_FILE, log_every)
     if idist.get_rank() == 0:
         trainer.add_event_handler(Events.ITERATION_COMPLETED, metrics)
-        trainer.add_event_handler(Events.COMPLETED, lambda _: metrics.flush())
         trainer.add_event_handler(Events.ITERATION_COMPLETED(once=1), lambda _: atomic_write_text(
             gin.operative_config_str(), run_dir / "operative_config.gin"))
     if progress:
@@ -264,19 +472,45 @@ class StepProgress:
         self.bar.close()
 
 
-def _train_from_config(local_rank: int, config: str, bindings: list[str], run_dir: str) -> None:
-    with scoped([config], bindings):  # gin state is per process: every worker parses the config itself
-        train(run_dir, progress=idist.get_rank() == 0)
+def _train_here(local_rank: int, config: str, bindings: list[str], run_dir: str, allow_config_change: bool) -> None:
+    """This process trains: alone, or as one rank under an external launcher (torchrun)."""
+    with scoped([config], bindings):  # gin state is per process: every process parses the config itself
+        train(run_dir, allow_config_change=allow_config_change)
+
+
+def _train_in_worker(local_rank: int, config: str, bindings: list[str], run_dir: str, launcher: int, errors) -> None:
+    """One spawned process of a multi-process run; the launcher has checked the config and holds the run."""
+    with processes.worker(launcher, errors), scoped([config], bindings):
+        progress = bound_arguments(train, "train")["progress"] and idist.get_rank() == 0
+        train(run_dir, progress=progress, prepared=True)
 
 
 def launch(config: str, bindings: list[str], run_dir: str, backend: str | None = None,
-           nproc_per_node: int | None = None) -> int:
+           nproc_per_node: int | None = None, allow_config_change: bool = False) -> int:
     """Train from a gin file on one process or, with a backend, on several (ignite.distributed).
 
-    Returns the step of the latest checkpoint written.
+    With ``nproc_per_node`` everything is checked here before any process starts or anything is
+    written; this process holds the run directory while its workers train, and they die with it.
+    Returns the step of the newest checkpoint.
     """
-    with idist.Parallel(backend=backend, nproc_per_node=nproc_per_node) as parallel:
-        parallel.run(_train_from_config, config, list(bindings), run_dir)
+    run_dir = Path(run_dir)
+    nproc = check_processes(backend, nproc_per_node)
+    args = (config, list(bindings), str(run_dir))
+    if nproc_per_node is None:
+        if backend is None:
+            _train_here(0, *args, allow_config_change)
+        else:
+            with idist.Parallel(backend=backend) as parallel:
+                parallel.run(_train_here, *args, allow_config_change)
+    else:
+        processes.start_method([__name__])  # the workers' fork server imports while this process checks
+        with scoped([config], bindings):
+            settings = bound_arguments(train, "train")
+            check_run(run_dir, settings, nproc)
+            config_text = gin.config_str()
+        with open_run(run_dir, config_text, allow_config_change, settings["steps"], processes=nproc,
+                      backend=backend):
+            processes.run(_train_in_worker, args, backend, nproc)
     last = latest_checkpoint(run_dir)
     return checkpoint_step(last) if last else 0
 
@@ -294,6 +528,8 @@ def _attach_lr_warmup(trainer: Engine, optimizer, lr: float, warmup_steps: int) 
 
 def run_objective(run_dir: str | Path) -> str:
     """The training objective a run directory's config names (``train.objective``)."""
+    if not (Path(run_dir) / CONFIG_FILE).is_file():
+        raise RunDirError(f"{run_dir} is not a run directory (no {CONFIG_FILE}): train first")
     with scoped([Path(run_dir) / CONFIG_FILE]):
         return gin.query_parameter("train.objective") if _is_bound("train.objective") else "gaussian"
 

@@ -14,11 +14,13 @@ from typing import Any
 import gin
 from fvcore.common.registry import Registry as _FvcoreRegistry
 
+from .errors import UserError
+
 ENTRY_POINT_GROUP = "dyncompute.plugins"
 _plugins_loaded = False
 
 
-class UnknownPluginError(ValueError):
+class UnknownPluginError(UserError):
     """Raised for a plugin name no registry knows; the message lists the known names."""
 
 

@@ -15,12 +15,15 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from .diffusion import make_objective
+from .config import bound_arguments
+from .diffusion import OBJECTIVES, make_objective
+from .errors import ConfigError, Diverged, one_line
 from .io import atomic_write
 from .model import DiffusionTransformer
 from .observe import Observed, Observer
 from .registry import SAMPLERS
 from .runs import resolve_device
+from .validate import check_device, check_sampling, need_int
 
 
 @dataclass
@@ -43,10 +46,11 @@ def generate(model: DiffusionTransformer, num_samples: int = 16, sampler: str = 
     ``clip_denoised`` (Gaussian samplers) clips predicted x0 to [-1, 1]: right for pixel data, wrong for
     latents; None keeps the sampler's default (DiT's: off, for latents).
     """
+    check_sampling(model, num_samples, num_steps, cfg_scale, guided_channels, seed, batch_size, labels, budget)
+    check_device("generate.device", device)
+    s = build_sampler(sampler, objective, model.learn_sigma, num_steps, clip_denoised)
     dev = resolve_device(device)
     model = model.to(dev).eval()
-    settings = {"num_steps": num_steps, **({} if clip_denoised is None else {"clip_denoised": clip_denoised})}
-    s = SAMPLERS.get(sampler).for_objective(make_objective(objective, learn_sigma=model.learn_sigma), **settings)
     g = torch.Generator(device="cpu").manual_seed(seed)
     ys = torch.as_tensor(labels) if labels is not None else torch.arange(num_samples) % model.num_classes
     images, nfe, steps = [], 0, []
@@ -62,7 +66,39 @@ def generate(model: DiffusionTransformer, num_samples: int = 16, sampler: str = 
             x = s.sample(fn, z.shape, model_kwargs=kwargs, noise=z, device=dev, progress=progress)
         images.append(x[: len(y)].cpu())
         nfe, steps = nfe + s.nfe, s.timesteps_seen
-    return SampleResult(torch.cat(images).clamp(-1, 1), ys, nfe, steps)
+    images = torch.cat(images)
+    if not torch.isfinite(images).all():
+        raise Diverged(f"sampling produced non-finite values ({sampler}, {num_steps} steps, cfg {cfg_scale}); "
+                       "nothing was written")
+    return SampleResult(images.clamp(-1, 1), ys, nfe, steps)
+
+
+def build_sampler(sampler: str, objective: str, learn_sigma: bool, num_steps: int, clip_denoised: bool | None):
+    """A registered sampler for a model trained with ``objective``; a mismatch names the samplers that fit."""
+    try:
+        obj = make_objective(objective, learn_sigma=learn_sigma)
+    except ValueError as e:
+        raise ConfigError(f"train.objective = {objective!r}: {one_line(e)}") from e
+    cls = SAMPLERS.get(sampler)
+    if not isinstance(obj, cls.trains_with):
+        fits = [n for n in SAMPLERS.names() if isinstance(obj, SAMPLERS.get(n).trains_with)]
+        wants = [n for n in OBJECTIVES if isinstance(make_objective(n), cls.trains_with)]
+        raise ConfigError(f"sampler {sampler!r} samples models trained with train.objective = "
+                          f"{' or '.join(map(repr, wants))}, but this one was trained with {objective!r}; "
+                          f"use {' or '.join(fits)}")
+    settings = {"num_steps": num_steps, **({} if clip_denoised is None else {"clip_denoised": clip_denoised})}
+    try:
+        return cls.for_objective(obj, **settings)
+    except (ValueError, TypeError) as e:  # the sampler's own gin bindings (samplers.<name>.*)
+        raise ConfigError(f"sampler {sampler!r}: {one_line(e)}") from e
+
+
+def check_sampler() -> None:
+    """The configured sampler (``generate.*`` bindings) exists and fits the objective: cheap, so it can run
+    before a model is loaded."""
+    s = bound_arguments(generate, "generate")
+    need_int("generate.num_steps", s["num_steps"], 1)
+    build_sampler(s["sampler"], s["objective"], True, s["num_steps"], s["clip_denoised"])
 
 
 def model_function(model, y, cfg_scale: float, guided_channels, budget: dict, observers=()):

@@ -161,8 +161,17 @@ def test_latent_folder_empty_and_mismatched(tmp_path):
 
 
 def test_latent_folder_corrupt_file(tmp_path):
+    """A broken file is named when the folder is opened, and when it breaks later, when it is read."""
     _write_latents(tmp_path)
+    good = (tmp_path / "features" / "1.npy").read_bytes()
     (tmp_path / "features" / "1.npy").write_bytes(b"not a numpy file")
+    with pytest.raises(ValueError, match="1.npy is not a .npy file"):
+        LatentFolder(tmp_path)
+    (tmp_path / "features" / "1.npy").write_bytes(good)
     ds = LatentFolder(tmp_path)
-    with pytest.raises(ValueError, match="1.npy"):
+    np.save(tmp_path / "features" / "1.npy", np.full((4, 8, 8), np.nan, np.float32))
+    with pytest.raises(ValueError, match="1.npy holds non-finite"):
+        ds[1]
+    np.save(tmp_path / "features" / "1.npy", np.zeros((4, 4, 4), np.float32))
+    with pytest.raises(ValueError, match=r"1.npy has shape \(4, 4, 4\)"):
         ds[1]

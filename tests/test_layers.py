@@ -3,6 +3,7 @@ imports a plugin (plugins depend on the framework, never the reverse)."""
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,6 +77,6 @@ def test_the_framework_never_imports_a_plugin():
 
 
 def test_the_command_line_parser_imports_no_torch():
-    """`dyncompute --help` must answer at once: cli.py imports only the standard library."""
-    assert {i.split(".")[0] for i in imports_of(PACKAGE / "cli.py")} <= {"__future__", "argparse", "logging", "sys",
-                                                                          "dyncompute"}
+    """`dyncompute --help` must answer at once: cli.py imports only the standard library (handlers load later)."""
+    top = {i.split(".")[0] for i in imports_of(PACKAGE / "cli.py")}
+    assert top - set(sys.stdlib_module_names) <= {"dyncompute"}

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from dyncompute.errors import ConfigError, DataError
 from dyncompute.registry import DATASETS
 
 LAYOUT = "root/features/<name>.npy and root/labels/<name>.npy (or fast-DiT's *_features/ and *_labels/)"
@@ -25,36 +26,84 @@ class LatentFolder(Dataset):
 
     Latents have no ground-truth detail map, so ``mask`` is all True: it keeps items collatable
     with :class:`ProceduralShapes` ones, and mask-based metrics become trivial on this data.
+    Building it checks the folder cheaply (``scan`` files' headers and labels); every item read is
+    checked too, and a bad file is always named.
     """
 
-    def __init__(self, root: str | Path, num_classes: int = 1000):
+    def __init__(self, root: str | Path, num_classes: int = 1000, scan: int = 4096):
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ConfigError(f"datasets.latent_folder.num_classes = {num_classes!r}: must be an integer >= 1")
         self.root = Path(root)
         self.num_classes = num_classes
         features_dir, labels_dir = _find_dirs(self.root)
         self.features, self.labels = _paired_files(features_dir, labels_dir)
-        self.channels, self.size, _ = self._load_x(0).shape
+        self.shape = _feature_shape(self.features[0], _header(self.features[0])[0])
+        self.channels, self.size, _ = self.shape
+        self._scan(scan)
 
     def __len__(self) -> int:
         return len(self.features)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        x = self._load_x(index)
-        label = _load(self.labels[index])
-        if label.size != 1:
-            raise ValueError(f"label file {self.labels[index]} should hold one value, has shape {label.shape}")
-        y = int(label.reshape(()))
-        if not 0 <= y < self.num_classes:
-            raise ValueError(f"label {y} in {self.labels[index]} is outside [0, {self.num_classes}); set num_classes")
+        """One sample, checked as it is read: a file broken after the up-front scan is still named."""
+        array = _load(self.features[index])
+        self._check_feature(index, array.shape, array.dtype)
+        x = torch.from_numpy(np.ascontiguousarray(array.reshape(self.shape), dtype=np.float32))
+        if not torch.isfinite(x).all():
+            raise DataError(f"feature file {self.features[index]} holds non-finite values (NaN or inf)")
+        y = self._label(index, _load(self.labels[index]))
         return {"x": x, "y": torch.tensor(y, dtype=torch.long), "mask": torch.ones(x.shape[1:], dtype=torch.bool)}
 
-    def _load_x(self, index: int) -> torch.Tensor:
-        array = _load(self.features[index])
-        if array.ndim == 4 and array.shape[0] == 1:  # fast-DiT keeps the batch axis
-            array = array[0]
-        if array.ndim != 3:
-            raise ValueError(f"feature file {self.features[index]} should be (C, H, W) or (1, C, H, W), "
-                             f"has shape {array.shape}")
-        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    def _scan(self, limit: int) -> None:
+        """Headers of the feature files and the label values, all of them or ``limit`` spread evenly
+        (always the first and the last): cheap, and a bad file is named before training starts."""
+        n = len(self.features)
+        picks = range(n) if n <= limit else sorted(set(np.linspace(0, n - 1, limit).round().astype(int).tolist()))
+        for i in picks:
+            self._check_feature(i, *_header(self.features[i]))
+            self._label(i, _load(self.labels[i]))
+
+    def _check_feature(self, index: int, shape: tuple, dtype: np.dtype) -> None:
+        path = self.features[index]
+        if not np.issubdtype(dtype, np.floating):
+            raise DataError(f"feature file {path} holds {dtype} values; latents must be real floating point")
+        if _feature_shape(path, shape) != self.shape:
+            raise DataError(f"feature file {path} has shape {tuple(shape)}, unlike {self.features[0].name} "
+                            f"{self.shape}; every latent must have the same shape")
+
+    def _label(self, index: int, label: np.ndarray) -> int:
+        path = self.labels[index]
+        if label.size != 1:
+            raise DataError(f"label file {path} should hold one value, has shape {label.shape}")
+        value = label.reshape(()).item()
+        integral = np.issubdtype(label.dtype, np.integer) or (
+            np.issubdtype(label.dtype, np.floating) and np.isfinite(value) and float(value).is_integer())
+        if not integral:
+            raise DataError(f"label file {path} holds {value!r} ({label.dtype}); labels must be integer class indices")
+        if not 0 <= int(value) < self.num_classes:
+            raise DataError(f"label {int(value)} in {path} is outside [0, {self.num_classes}); "
+                            "set datasets.latent_folder.num_classes")
+        return int(value)
+
+
+def _feature_shape(path: Path, shape: tuple) -> tuple:
+    """(C, H, W) of a feature file's shape; fast-DiT keeps a leading batch axis of 1."""
+    shape = tuple(shape)
+    if len(shape) == 4 and shape[0] == 1:
+        shape = shape[1:]
+    if len(shape) != 3 or shape[1] != shape[2] or min(shape) < 1:
+        raise DataError(f"feature file {path} should be (C, H, H) or (1, C, H, H), has shape {shape}")
+    return shape
+
+
+def _header(path: Path) -> tuple[tuple, np.dtype]:
+    """Shape and dtype of a .npy file from its header; mapping (not reading) the data also finds truncation."""
+    _check_magic(path)
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as error:  # truncated, or an object array
+        raise DataError(f"cannot read {path} as a .npy array: {_npy_problem(error)}") from error
+    return array.shape, array.dtype
 
 
 def _find_dirs(root: Path) -> tuple[Path, Path]:
@@ -75,11 +124,11 @@ def _paired_files(features_dir: Path, labels_dir: Path) -> tuple[list[Path], lis
     features = {p.stem: p for p in features_dir.glob("*.npy")}
     labels = {p.stem: p for p in labels_dir.glob("*.npy")}
     if not features and not labels:
-        raise ValueError(f"no .npy files in {features_dir} or {labels_dir}; expected {LAYOUT}")
+        raise DataError(f"no .npy files in {features_dir} or {labels_dir}; expected {LAYOUT}")
     if features.keys() != labels.keys():
         only_f = sorted(features.keys() - labels.keys())[:5]
         only_l = sorted(labels.keys() - features.keys())[:5]
-        raise ValueError(
+        raise DataError(
             f"feature and label files do not match in {features_dir.parent}: "
             f"without label {only_f}, without feature {only_l} (first few shown)"
         )
@@ -89,7 +138,24 @@ def _paired_files(features_dir: Path, labels_dir: Path) -> tuple[list[Path], lis
 
 def _load(path: Path) -> np.ndarray:
     """np.load with the file named in the error, whatever way the file is broken."""
+    _check_magic(path)
     try:
         return np.load(path, allow_pickle=False)
     except Exception as error:  # numpy raises ValueError, OSError, EOFError... for bad files
-        raise ValueError(f"cannot read {path} as a .npy array: {error}") from error
+        raise DataError(f"cannot read {path} as a .npy array: {_npy_problem(error)}") from error
+
+
+def _check_magic(path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as error:
+        raise DataError(f"cannot read {path}: {error.strerror}") from error
+    if magic != b"\x93NUMPY":
+        raise DataError(f"{path} is not a .npy file (no .npy header)")
+
+
+def _npy_problem(error: Exception) -> str:
+    if "pickled" in str(error):
+        return "it holds pickled Python objects, which are not loaded"
+    return str(error).splitlines()[0] if str(error).strip() else type(error).__name__

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from dyncompute.errors import ConfigError
 from dyncompute.registry import DATASETS
 
 # Each shape is a predicate on object-local coordinates (u, v) in [-1, 1]^2, image y pointing down.
@@ -70,6 +71,8 @@ class ProceduralShapes(Dataset):
         detail_range: tuple[float, float] = (0.15, 0.6),
     ):
         _check_args(size, channels, num_classes, length, detail_range)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"datasets.procedural.seed = {seed!r}: must be an int")
         self.size, self.channels, self.num_classes = size, channels, num_classes
         self.length, self.seed = length, seed
         self.detail_range = (float(detail_range[0]), float(detail_range[1]))
@@ -187,14 +190,19 @@ def _object_colours(draw: _Draws) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _check_args(size, channels, num_classes, length, detail_range) -> None:
-    if not isinstance(size, int) or size < 8 or size % 8:
-        raise ValueError(f"ProceduralShapes size must be an int >= 8 divisible by 8 (e.g. 16, 32, 64); got {size!r}")
-    if channels not in (1, 3, 4):
-        raise ValueError(f"ProceduralShapes channels must be 1, 3 or 4; got {channels!r}")
-    if not 1 <= num_classes <= MAX_CLASSES:
-        raise ValueError(f"num_classes must be in [1, {MAX_CLASSES}] (shapes x textures); got {num_classes!r}")
-    if length < 1:
-        raise ValueError(f"length must be positive; got {length!r}")
-    low, high = detail_range
+    name = "datasets.procedural"
+    if isinstance(size, bool) or not isinstance(size, int) or size < 8 or size % 8:
+        raise ConfigError(f"{name}.size = {size!r}: must be an int >= 8 divisible by 8 (e.g. 16, 32, 64)")
+    if channels not in (1, 3, 4) or isinstance(channels, bool):
+        raise ConfigError(f"{name}.channels = {channels!r}: must be 1, 3 or 4")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= MAX_CLASSES:
+        raise ConfigError(f"{name}.num_classes = {num_classes!r}: must be an int in [1, {MAX_CLASSES}] "
+                          "(shapes x textures)")
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise ConfigError(f"{name}.length = {length!r}: must be a positive int")
+    try:
+        low, high = (float(v) for v in detail_range)
+    except (TypeError, ValueError):
+        low, high = math.nan, math.nan
     if not 0.0 < low <= high < 1.0:
-        raise ValueError(f"detail_range must satisfy 0 < low <= high < 1; got {detail_range!r}")
+        raise ConfigError(f"{name}.detail_range = {detail_range!r}: must be (low, high) with 0 < low <= high < 1")
