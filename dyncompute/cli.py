@@ -17,6 +17,8 @@ COMMAND_MODULES = [
     "dyncompute.flops",
     "dyncompute.matching",
     "dyncompute.views",
+    "dyncompute.sweeps.grid",
+    "dyncompute.sweeps.report",
 ]
 
 

@@ -33,6 +33,7 @@ def _import_configurables() -> None:
     """Everything that can appear in a gin file must be imported before parsing."""
     load_plugins()
     from . import engine, model, sampling  # noqa: F401  (register their gin configurables)
+    from .sweeps import evaluate  # noqa: F401  (CellSettings, in every sweep cell's config)
 
 
 def parse(files: Iterable[str | Path] = (), bindings: Iterable[str] = ()) -> None:
