@@ -57,7 +57,7 @@ class Scheduler:
         self.failed_training: dict[str, str] = {}
         self.ended: deque[Outcome] = deque()
         self.done = self.failed = 0
-        self.on_change = lambda: None  # called after submissions (the progress line shows "running")
+        self.on_change = lambda: None  # called after submissions and while waiting (the progress line)
 
     def counts(self) -> dict:
         return {"done": self.done, "running": len(self.running), "failed": self.failed}
@@ -104,6 +104,7 @@ class Scheduler:
                     del self.running[job]
                     return self._ended(job, cell)
             time.sleep(self.executor.poll_s)
+            self.on_change()  # keeps the progress line's clock moving
 
     def _ended(self, job, cell: Cell) -> Outcome:
         try:
@@ -163,7 +164,8 @@ class GridProgressBar(ProgressBar):
 
     def refresh(self) -> None:
         if self.pbar is not None:
-            self.pbar.set_postfix(self._postfix())
+            self.pbar.set_postfix(self._postfix(), refresh=False)
+            self.pbar.refresh()
 
 
 def create_grid_engine(scheduler: Scheduler, name: str, progress: bool = True) -> Engine:
@@ -185,7 +187,7 @@ def create_grid_engine(scheduler: Scheduler, name: str, progress: bool = True) -
 
 
 class ReportRefresher:
-    """Rebuilds the report as results arrive: results.csv every cell, figures at most every ``every_s``."""
+    """Rebuilds the report as results arrive: results.csv every cell, pages and figures at most every ``every_s``."""
 
     def __init__(self, root: Path, every_s: float = 60.0):
         self.root, self.every_s, self.last = root, every_s, time.monotonic()
@@ -234,14 +236,12 @@ def run_sweep(path: str | Path, out: str | Path, executor: ExecutorConfig | None
     if todo:
         scheduler = Scheduler(root, todo, CellExecutor(executor, root / "submitit"))
         engine = create_grid_engine(scheduler, sweep.name, progress)
-        if report:
-            ReportRefresher(root, report_every_s).attach(engine)
+        ReportRefresher(root, report_every_s if report else float("inf")).attach(engine)
         engine.run(scheduler, max_epochs=1, epoch_length=len(todo))
         summary.update(scheduler.counts())
-    if report:
-        from .report import write_report
+    from .report import write_report
 
-        summary["report"] = str(write_report(root))
+    summary["report"] = str(write_report(root, figures=report))  # results.csv always; pages when ``report``
     return summary
 
 

@@ -107,7 +107,7 @@ def load_sweep(path: str | Path, extra_bindings=()) -> Sweep:
         with scoped([path]):
             raw = sweep()
     except ConfigError as e:
-        raise SweepError(str(e)) from e
+        raise SweepError(_line(e)) from e
     where = f"sweep file {path}"
     _check_requires(raw["requires"], where)
     base = [_resolve_base(b, path) for b in raw["base"]]
@@ -253,12 +253,12 @@ def _resolve(base, labelled, where: str, name: str, check_plugins: bool = False)
         try:
             parse(base)
         except ConfigError as e:
-            raise SweepError(f"{where}: base config: {e}") from e
+            raise SweepError(f"{where}: base config: {_line(e)}") from e
         for binding, origin in labelled:
             try:
                 parse([], [binding])
             except ConfigError as e:
-                raise SweepError(f"{where}: {origin}: {e}") from e
+                raise SweepError(f"{where}: {origin}: {_line(e)}") from e
         if check_plugins:
             try:
                 check_plugin_names()
@@ -267,6 +267,11 @@ def _resolve(base, labelled, where: str, name: str, check_plugins: bool = False)
         return gin.config_str()
     finally:
         gin.clear_config()
+
+
+def _line(e: Exception) -> str:
+    """gin's messages go on with the offending source; the first line names the problem."""
+    return str(e).strip().splitlines()[0]
 
 
 def check_plugin_names() -> None:
