@@ -39,6 +39,9 @@ def register_cli(sub) -> None:
 
 
 def _cmd_quickstart(args) -> None:
+    from .sweeps.grid import resumable
+
     bindings = [*args.bind, *([f"train.steps = {args.steps}"] if args.steps else [])]
-    summary = quickstart(args.out, args.jobs, args.executor, bindings)
+    with resumable(args.out):
+        summary = quickstart(args.out, args.jobs, args.executor, bindings)
     print(f"report: {summary['report']} (and report.html, results.csv, figures/ beside it)")

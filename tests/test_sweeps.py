@@ -260,3 +260,25 @@ def test_pareto_front():
     x, y = [1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 3.0, 4.0]
     assert pareto_front(x, y, "min").tolist() == [0, 2]
     assert pareto_front(x, y, "max").tolist() == [0, 1]
+
+
+# --------------------------------------------------------------------------- the experiments
+
+
+@pytest.mark.parametrize("name,cells,runs", [("quickstart", 6, 3), ("ablations", 30, 15), ("paper_4x_16x", 6, 6)])
+def test_experiment_sweeps_expand(name, cells, runs):
+    sweep = load_sweep(ROOT / "experiments" / "sweeps" / f"{name}.gin")
+    assert len(sweep.cells) == cells and len(sweep.train_ids) == runs
+
+
+def test_quickstart_writes_outside_tracked_files():
+    """Running the quickstart in a clone never touches committed files: its default folder is ignored."""
+    from dyncompute.quickstart import DEFAULT_OUT
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(ROOT), *args], check=False, capture_output=True, text=True)
+
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    assert git("check-ignore", "-q", f"{DEFAULT_OUT}/cells/x/result.json").returncode == 0
+    assert git("ls-files", DEFAULT_OUT).stdout == ""

@@ -13,9 +13,11 @@ train the same run and several machines can fill one folder.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ from ignite.engine import Engine, EventEnum, Events
 from ignite.handlers import ProgressBar
 
 from ..io import atomic_write_text
-from .cell import TRAINED, cell_dir, cell_status, prepare, record_failure, run_dir
+from .cell import RESULT, TRAINED, cell_dir, cell_status, prepare, record_failure, run_dir
 from .executors import CellExecutor, ExecutorConfig
 from .spec import Cell, Sweep, load_sweep
 
@@ -143,11 +145,11 @@ def _spec(root: Path, cell: Cell) -> dict:
 
 class GridProgressBar(ProgressBar):
     """ignite's ProgressBar, shown from the grid's start (not from the first ended cell) and refreshed
-    whenever cells are submitted: ``sweep NAME  done/total cells |bar| running=.., failed=.. [elapsed<ETA]``."""
+    while cells run: ``sweep NAME: 3/6 cells done, running=2, failed=0 |bar| [elapsed<ETA]``."""
 
     def __init__(self, name: str, scheduler: Scheduler):
         super().__init__(persist=True, desc=f"sweep {name}",
-                         bar_format="{desc}: {n_fmt}/{total_fmt} cells |{bar:20}|{postfix} [{elapsed}<{remaining}]")
+                         bar_format="{desc}{n_fmt}/{total_fmt} cells done{postfix} |{bar:20}| [{elapsed}<{remaining}]")
         self.scheduler = scheduler
 
     def _reset(self, pbar_total: int | None) -> None:
@@ -316,8 +318,21 @@ def _cmd_sweep(args) -> None:
         for c in shard_cells(sweep.cells, shard):
             print(f"{c.cell_id}  train {c.train_id}  {cell_status(cell_dir(args.out, c.cell_id)):8s}  {c.label}")
         return
-    summary = run_sweep(args.sweep_file, args.out, executor, shard, args.retry_failed,
-                        progress=not args.no_progress, sweep=sweep, threads=args.threads)
+    with resumable(args.out):
+        summary = run_sweep(args.sweep_file, args.out, executor, shard, args.retry_failed,
+                            progress=not args.no_progress, sweep=sweep, threads=args.threads)
     print(json.dumps(summary))
     if summary.get("failed"):
         raise SystemExit(1)
+
+
+@contextlib.contextmanager
+def resumable(out: str | Path):
+    """Ctrl-C stops the sweep (running cells are cancelled) with one line on how to resume, exit 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        done = len(list(Path(out).glob(f"cells/*/{RESULT}")))
+        print(f"\ninterrupted: {done} cells of {out} are finished; run the same command again to resume",
+              file=sys.stderr)
+        raise SystemExit(130) from None
