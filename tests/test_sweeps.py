@@ -149,7 +149,7 @@ def test_killed_sweep_reruns_only_the_remaining_cells(tmp_path):
            "--threads", "1", "--no-progress"] + [a for b in TINY for a in ("-b", b)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while not list(out.glob(f"cells/*/{RESULT}")) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:

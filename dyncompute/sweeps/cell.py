@@ -177,7 +177,8 @@ def _evaluate(cdir: Path, run: Path, spec: dict, root: Path) -> dict:
         compute = count_compute(model, timed, settings.count_images, settings.seed)
         files = _write_figures(model, timed.samples, cdir, root, settings, budget)
         atomic_write_text(gin.operative_config_str(), cdir / "operative_config.gin")
-    return {"metrics": evaluation.metrics, "metric_goals": evaluation.goals, "compute": compute["columns"],
+    return {"metrics": evaluation.metrics, "metric_goals": evaluation.goals,
+            "metric_descriptions": evaluation.descriptions, "compute": compute["columns"],
             "compute_details": compute["details"], "files": files, "budget": budget,
             "notes": evaluation.notes + compute["details"]["notes"]}
 

@@ -24,6 +24,13 @@ from ..diffusion import make_objective
 from ..registry import DATASETS
 
 GOALS = {"heldout_denoise_mse": "min", "psnr_vs_reference_dB": "max"}
+DESCRIPTIONS = {
+    "heldout_denoise_mse": "noise-prediction MSE on held-out images at fixed, evenly spaced timesteps with fixed "
+                           "noise (the cell's sampling budget applies); compares models, not samplers",
+    "psnr_vs_reference_dB": "mean per-image PSNR of the cell's samples against the same trained model's reference "
+                            "samples (sweep.reference) from the same noise and labels; compares samplers and "
+                            "reducers of one model",
+}
 
 
 @gin.configurable
@@ -43,7 +50,8 @@ class CellSettings:
 @dataclass
 class Evaluation:
     metrics: dict[str, float]
-    goals: dict[str, str]
+    goals: dict[str, str]  # "min" or "max": every metric with a goal gets a Pareto panel in reports
+    descriptions: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -53,7 +61,7 @@ def evaluate_cell(model, samples, settings: CellSettings, budget: dict, referenc
     metrics = {"heldout_denoise_mse": heldout_denoise_mse(model, settings, budget, notes)}
     if reference is not None:
         metrics["psnr_vs_reference_dB"] = psnr(samples.images, reference)
-    return Evaluation(metrics, {k: GOALS[k] for k in metrics}, notes)
+    return Evaluation(metrics, {k: GOALS[k] for k in metrics}, {k: DESCRIPTIONS[k] for k in metrics}, notes)
 
 
 def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:

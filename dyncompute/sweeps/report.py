@@ -188,10 +188,12 @@ def _result_sections(root: Path, out: Path, df: pd.DataFrame, goals: dict, resul
     sections = [("Results (mean ± std over seeds)", [_summary_table(agg, metrics), _units_note()])]
     if metrics and COMPUTE in agg:
         save_figure(plot_quality_vs_compute(agg, goals, axes_names), figdir / "quality_vs_compute.png")
-        sections.append(("Quality vs compute", [
-            Figure("figures/quality_vs_compute.png", "quality vs per-image TFLOPs, one point per configuration "
-                   "(mean over seeds, bars: ± std); circled: the Pareto front"),
-            "\n\n".join(_metric_notes(metrics)), _best_per_budget(agg, metrics[0], goals[metrics[0]])]))
+        figure = Figure("figures/quality_vs_compute.png", "quality vs per-image TFLOPs, one point per "
+                        "configuration (mean over seeds, bars: ± std); circled: the Pareto front")
+        budgets = ("Best configuration per compute budget (the Pareto front as a table: for every compute "
+                   "level present, the best configuration that costs no more):")
+        sections.append(("Quality vs compute", [figure, _metric_notes(results, metrics), budgets,
+                                                *[_best_per_budget(agg, m, goals[m]) for m in metrics]]))
     sections.append(("Training curves", _training_curves(root, figdir, results)))
     sections.append(("Tokens kept vs timestep", _tokens(figdir, results)))
     sections.append(("Where the tokens go", _copied(root, figdir, results, "boundary_maps", "boundary",
@@ -224,12 +226,11 @@ def _units_note() -> str:
             "batch of the cell's samples on the cell's device (shared CPUs make it noisy). Params in millions.")
 
 
-def _metric_notes(metrics: list[str]) -> list[str]:
-    from .evaluate import __doc__ as doc
-
-    known = {m: line.strip() for m in metrics for line in (doc or "").split("- ``")
-             if line.startswith(f"{m}``")}
-    return [f"`{m}`: " + " ".join(known[m].split("``:", 1)[-1].split()) for m in metrics if m in known]
+def _metric_notes(results: list, metrics: list[str]) -> str:
+    described: dict[str, str] = {}
+    for r in results:
+        described.update(r.get("metric_descriptions", {}))
+    return "\n\n".join(f"`{m}`: {described[m]}." for m in metrics if m in described)
 
 
 def _best_per_budget(agg: pd.DataFrame, metric: str, goal: str) -> pd.DataFrame:

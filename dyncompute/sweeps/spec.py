@@ -47,6 +47,7 @@ from ..registry import ALL, DATASETS, REDUCERS, SAMPLERS, TOKENIZERS, UnknownPlu
 SAMPLING_CONFIGURABLES = ("generate", "CellSettings")
 SAMPLING_PARAMETERS = ("DiffusionTransformer.reducers",)  # reducers attach to a trained model
 SEED_AXIS = "seed"
+RESERVED = {SEED_AXIS, "point", "cell", "config", "cell_id", "train_id", "seeds"}  # result-table columns
 
 
 class SweepError(ConfigError):
@@ -186,8 +187,8 @@ def _check_axes(axes, points, where: str) -> dict:
     if not isinstance(axes, dict) or not isinstance(points, dict):
         raise SweepError(f"{where}: sweep.axes and sweep.points must be dicts of labelled binding lists")
     for axis, values in axes.items():
-        if axis in (SEED_AXIS, "point"):
-            raise SweepError(f"{where}: axis name {axis!r} is reserved (use sweep.seeds / sweep.points)")
+        if axis in RESERVED:
+            raise SweepError(f"{where}: axis name {axis!r} is reserved ({', '.join(sorted(RESERVED))})")
         if not isinstance(values, dict):
             raise SweepError(f"{where}: axis {axis!r} must map labels to lists of bindings, got {type(values).__name__}")
         if not values:
