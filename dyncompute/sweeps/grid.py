@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from collections import deque
@@ -236,7 +237,9 @@ def run_sweep(path: str | Path, out: str | Path, executor: ExecutorConfig | None
     counts = {s: sum(v == s for v in status.values()) for s in ("finished", "failed", "running", "pending")}
     summary = {"cells": len(sweep.cells), "this_shard": len(mine), "to_run": len(todo), "before": counts}
     if todo:
-        scheduler = Scheduler(root, todo, CellExecutor(executor, root / "submitit"))
+        # submitit names its files by job id (a PID locally): one folder per runner, so shards never collide
+        jobs_dir = root / "submitit" / f"{socket.gethostname()}-{os.getpid()}"
+        scheduler = Scheduler(root, todo, CellExecutor(executor, jobs_dir))
         engine = create_grid_engine(scheduler, sweep.name, progress)
         ReportRefresher(root, report_every_s if report else float("inf")).attach(engine)
         engine.run(scheduler, max_epochs=1, epoch_length=len(todo))
@@ -282,12 +285,22 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 def write_manifest(root: Path, sweep: Sweep) -> Path:
     """sweep.json: the expanded grid (identical for every shard), for reports and for reading."""
     manifest = {
-        "name": sweep.name, "source": str(sweep.source), "base": [str(b) for b in sweep.base],
+        "name": sweep.name, "source": _shown(sweep.source), "base": [_shown(b) for b in sweep.base],
         "axes": {a: {label: list(b) for label, b in v.items()} for a, v in sweep.axes.items()},
         "cells": [{"cell_id": c.cell_id, "train_id": c.train_id, "labels": c.labels, "label": c.label}
                   for c in sweep.cells],
     }
     return atomic_write_text(json.dumps(manifest, indent=1), root / MANIFEST)
+
+
+def _shown(path: Path) -> str:
+    """A path as a reader of the report should see it: relative to the project when inside it."""
+    from ..config import PROJECT_ROOT
+
+    try:
+        return Path(path).resolve().relative_to(PROJECT_ROOT).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def register_cli(sub) -> None:
