@@ -30,10 +30,10 @@ TINY = ["train.steps = 2", "train.checkpoint_every = 1", "CellSettings.num_sampl
 TIMING = ["sampling_wall_ms_per_image", "process_peak_rss_MiB", "train_wall_s", "cell_wall_s"]
 
 
-def _run(out, shard=None, report=False):
+def _run(out, shard=None, report=False, retry_failed=False):
     sweep = load_sweep(SMOKE, TINY)
-    return run_sweep(SMOKE, out, ExecutorConfig("debug"), shard=shard, progress=False, sweep=sweep, threads=1,
-                     report=report)
+    return run_sweep(SMOKE, out, ExecutorConfig("debug"), shard=shard, retry_failed=retry_failed, progress=False,
+                     sweep=sweep, threads=1, report=report)
 
 
 def _rows(out) -> pd.DataFrame:
@@ -282,3 +282,61 @@ def test_quickstart_writes_outside_tracked_files():
         pytest.skip("not a git checkout")
     assert git("check-ignore", "-q", f"{DEFAULT_OUT}/cells/x/result.json").returncode == 0
     assert git("ls-files", DEFAULT_OUT).stdout == ""
+
+
+def _copy_without_results(src, dst, cells):
+    import shutil
+
+    shutil.copytree(src, dst)
+    for c in cells:
+        (cell_dir(dst, c.cell_id) / RESULT).unlink()
+
+
+def test_failed_cell_is_recorded_the_sweep_goes_on_and_retry_reruns_it(smoke_run, tmp_path, monkeypatch):
+    out, _ = smoke_run
+    cells = load_sweep(SMOKE, TINY).cells
+    broken, fine = cells[0], cells[2]  # trained runs exist: only evaluation reruns
+    copy = tmp_path / "copy"
+    _copy_without_results(out, copy, [broken, fine])
+    import dyncompute.sweeps.cell as cell_module
+
+    real, breaking = cell_module.evaluate_cell, [True]
+
+    def flaky(model, *args, **kwargs):  # DiT/2's evaluation breaks (patchify has no token map)
+        if breaking[0] and not hasattr(model.tokenizer, "token_map"):
+            raise RuntimeError("boom")
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(cell_module, "evaluate_cell", flaky)
+    first = _run(copy)
+    assert first["to_run"] == 2 and first["failed"] == 1 and first["done"] == 1
+    error = json.loads((cell_dir(copy, broken.cell_id) / "error.json").read_text())
+    assert error["stage"] == "evaluate" and "RuntimeError: boom" in error["error"] and "Traceback" in error["traceback"]
+    breaking[0] = False
+    assert _run(copy)["to_run"] == 0  # a failed cell waits for --retry-failed
+    again = _run(copy, retry_failed=True)
+    assert again["to_run"] == 1 and again["done"] == 1
+    assert (cell_dir(copy, broken.cell_id) / RESULT).is_file() and not (cell_dir(copy, broken.cell_id) / "error.json").exists()
+
+
+def test_failed_training_fails_its_other_cells_without_running_them(smoke_run, tmp_path, monkeypatch):
+    import shutil
+
+    import dyncompute.sweeps.cell as cell_module
+
+    out, _ = smoke_run
+    cells = load_sweep(SMOKE, TINY).cells
+    copy = tmp_path / "copy"
+    _copy_without_results(out, copy, cells[:2])  # both cells of DiT/2's training run
+    shutil.rmtree(copy / "runs" / cells[0].train_id)
+    calls = []
+
+    def broken_training(run, *a, **k):
+        calls.append(run)
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(cell_module, "ensure_trained", broken_training)
+    summary = _run(copy)
+    assert summary["failed"] == 2 and len(calls) == 1  # trained once, failed once; its sibling never ran
+    sibling = json.loads((cell_dir(copy, cells[1].cell_id) / "error.json").read_text())
+    assert "its training failed" in sibling["error"] and "out of memory" in sibling["error"]

@@ -154,6 +154,8 @@ def _run_label(results: list[dict], train_id: str) -> str:
 def write_report(root: str | Path, to: str | Path | None = None, figures: bool = True) -> Path:
     """Write results.csv (+ report.md, report.html and figures/ when ``figures``) into ``to`` (default root)."""
     root = Path(root)
+    if not (root / "sweep.json").is_file() and not (root / CELLS).is_dir():
+        raise FileNotFoundError(f"{root} is not a sweep folder (no sweep.json, no cells/)")
     out = Path(to) if to else root
     df, goals, results, failures = load_results(root)
     save_table(df, out / "results.csv")
