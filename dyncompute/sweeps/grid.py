@@ -155,6 +155,7 @@ class GridProgressBar(ProgressBar):
 
     def _reset(self, pbar_total: int | None) -> None:
         self.pbar = self.pbar_cls(total=pbar_total, leave=self.persist, bar_format=self.bar_format, **self.tqdm_kwargs)
+        self.pbar.set_description(self.tqdm_kwargs["desc"])  # as ignite's handler will: "sweep NAME: "
 
     def attach_to_grid(self, engine: Engine) -> None:
         self.attach(engine, output_transform=lambda _: self._postfix())
