@@ -79,7 +79,7 @@ def run_cell(path: str) -> dict:
     """Run the cell in folder ``path``; returns ``{"cell_id", "status": "finished"|"failed", ...}``."""
     cdir = Path(path)
     spec = json.loads((cdir / "cell.json").read_text())
-    root, t0, stage = cdir.parent.parent, time.perf_counter(), "train"
+    root, t0, cpu0, stage = cdir.parent.parent, time.perf_counter(), time.process_time(), "train"
     write_json({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}, cdir / CLAIM)
     try:
         with _cell_log(cdir / "cell.log"), _threads(spec.get("threads")):
@@ -88,7 +88,8 @@ def run_cell(path: str) -> dict:
             training = ensure_trained(run, spec.get("nproc_per_node") or 1, spec.get("backend"))
             stage = "evaluate"
             result = _evaluate(cdir, run, spec, root)
-        result.update(training=training, cell_wall_s=time.perf_counter() - t0)
+        # CPU seconds of this process (all its threads) beside wall seconds: shared machines inflate the latter
+        result.update(training=training, cell_wall_s=time.perf_counter() - t0, cell_cpu_s=time.process_time() - cpu0)
         write_json({**_identity(spec), **result}, cdir / RESULT)  # last: its presence means finished
         (cdir / ERROR).unlink(missing_ok=True)
         return {"cell_id": spec["cell_id"], "status": "finished"}

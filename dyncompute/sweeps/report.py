@@ -59,7 +59,7 @@ def flatten(r: dict) -> dict:
                 "train_tokens_per_sample": t.get("train_tokens_per_sample"),
                 "reused_checkpoint": t.get("reused")}
     return {"cell": r["label"], "config": config, **labels, **r.get("metrics", {}), **r.get("compute", {}),
-            **training, "cell_wall_s": r.get("cell_wall_s"), "cell_id": r["cell_id"], "train_id": r["train_id"]}
+            **training, "cell_wall_s": r.get("cell_wall_s"), "cell_cpu_s": r.get("cell_cpu_s"), "cell_id": r["cell_id"], "train_id": r["train_id"]}
 
 
 def aggregate(df: pd.DataFrame, columns: list[str], labels: list[str]) -> pd.DataFrame:
