@@ -176,7 +176,7 @@ def _evaluate(cdir: Path, run: Path, spec: dict, root: Path) -> dict:
         timed = timed_samples(model, settings.num_samples, settings.seed)
         evaluation = evaluate_cell(model, timed.samples, settings, budget, reference)
         compute = count_compute(model, timed, settings.count_images, settings.seed)
-        files = _write_figures(model, timed.samples, cdir, root, settings, budget)
+        files = _write_figures(model, timed.samples, cdir, root, run, settings, budget)
         atomic_write_text(gin.operative_config_str(), cdir / "operative_config.gin")
     return {"metrics": evaluation.metrics, "metric_goals": evaluation.goals,
             "metric_descriptions": evaluation.descriptions, "compute": compute["columns"],
@@ -204,17 +204,29 @@ def reference_samples(run: Path, bindings: list[str], settings: CellSettings) ->
     return images
 
 
-def _write_figures(model, samples, cdir: Path, root: Path, settings: CellSettings, budget: dict) -> dict:
+def _write_figures(model, samples, cdir: Path, root: Path, run: Path, settings: CellSettings, budget: dict) -> dict:
     def rel(p) -> str:
         return Path(p).resolve().relative_to(root.resolve()).as_posix()
 
     files = {k: rel(v) for k, v in save_samples(samples.images, cdir, name="samples").items()}
     if hasattr(model.tokenizer, "token_map"):  # data-dependent tokens: where they go along a trajectory
-        from ..views import write_views
-
-        views = write_views(model, cdir / "views", settings.views_samples, settings.views_steps, **budget)
+        views = tokenizer_views(run, settings, budget)
         files.update(boundary_maps=rel(views["boundary_maps"]), kept_vs_timestep=rel(views["table"]))
     return files
+
+
+def tokenizer_views(run: Path, settings: CellSettings, budget: dict) -> dict:
+    """Boundary maps and tokens kept vs timestep of the trained tokenizer at a budget (DDIM, no reducers:
+    they depend on the tokenizer alone); cached per run and budget, so sampling axes share them."""
+    from ..views import write_views
+
+    key = identity(json.dumps(budget, sort_keys=True), f"n={settings.views_samples}", f"steps={settings.views_steps}")
+    folder = run / "views" / key
+    if (folder / "boundary_maps.png").is_file() and (folder / "kept_vs_timestep.csv").is_file():
+        return {"boundary_maps": folder / "boundary_maps.png", "table": folder / "kept_vs_timestep.csv"}
+    with scoped([run / "training.gin"]):
+        model = load_trained(run)
+        return write_views(model, folder, settings.views_samples, settings.views_steps, **budget)
 
 
 # --------------------------------------------------------------------------- process plumbing

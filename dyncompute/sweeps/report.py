@@ -199,8 +199,9 @@ def _result_sections(root: Path, out: Path, df: pd.DataFrame, goals: dict, resul
     sections.append(("Training curves", _training_curves(root, figdir, results)))
     sections.append(("Tokens kept vs timestep", _tokens(figdir, results)))
     sections.append(("Where the tokens go", _copied(root, figdir, results, "boundary_maps", "boundary",
-                                                     "boundary maps along a DDIM trajectory (black: positions the "
-                                                     "backbone processes; rows: samples; columns: noisy -> clean)")))
+                                                     "boundary maps of the trained tokenizer along a DDIM trajectory "
+                                                     "at the cell's budget (black: positions the backbone processes; "
+                                                     "rows: samples; columns: noisy -> clean; last: the sample)")))
     sections.append(("Samples", _copied(root, figdir, results, "png", "samples",
                                         "samples (labels cycle through the classes in reading order)")))
     return sections
@@ -259,8 +260,9 @@ def _training_curves(root: Path, figdir: Path, results: list) -> list:
         return ["no training metrics found"]
     smooth = max(1, min(20, min(len(c) for c in curves.values()) // 5))
     save_figure(loss_curves(curves, smooth=smooth), figdir / "training_curves.png")
-    return [Figure("figures/training_curves.png", "training loss per training run (per-sample diffusion loss, "
-                   "MSE + VLB, of the training batches; faint: raw, solid: rolling mean)")]
+    return [Figure("figures/training_curves.png", "training loss per training run: the training batches' "
+                   "diffusion loss (MSE + VLB) plus the tokenizer's auxiliary losses (DC-DiT's ratio loss); "
+                   "faint: logged values, solid: rolling mean")]
 
 
 def _tokens(figdir: Path, results: list) -> list:
@@ -268,19 +270,23 @@ def _tokens(figdir: Path, results: list) -> list:
     if not any(r.get("compute_details", {}).get("timesteps") for r in firsts):
         return ["no cell recorded its trajectory"]
     save_figure(plot_tokens_vs_timestep(firsts), figdir / "tokens_vs_timestep.png")
-    return [Figure("figures/tokens_vs_timestep.png", "backbone tokens per image at every sampling step "
-                   "(first seed; static tokenizers are flat)")]
+    return [Figure("figures/tokens_vs_timestep.png", "backbone tokens per image at every step of each cell's "
+                   "own sampling trajectory (mean over the images whose compute was counted; first seed; static "
+                   "tokenizers are flat)")]
 
 
 def _copied(root: Path, figdir: Path, results: list, key: str, prefix: str, caption: str) -> list:
-    """Copy one figure per configuration (first seed) next to the report."""
-    blocks = []
-    for r in _first_seed(results)[:MAX_LINES]:
+    """Copy one figure per configuration (first seed; a figure cells share is shown once) beside the report."""
+    blocks, seen = [], set()
+    for r in _first_seed(results):
         src = r.get("files", {}).get(key)
-        if src and (root / src).is_file():
-            name = f"{prefix}_{r['cell_id']}.png"
-            atomic_write(figdir / name, lambda tmp, s=root / src: shutil.copyfile(s, tmp))
-            blocks.append(Figure(f"figures/{name}", f"**{r['label']}**: {caption}"))
+        if not src or src in seen or not (root / src).is_file() or len(seen) >= MAX_LINES:
+            continue
+        seen.add(src)
+        name = f"{prefix}_{r['cell_id']}.png"
+        atomic_write(figdir / name, lambda tmp, s=root / src: shutil.copyfile(s, tmp))
+        sharing = [o["label"] for o in results if o.get("files", {}).get(key) == src]
+        blocks.append(Figure(f"figures/{name}", f"{' = '.join(sharing)}: {caption}"))
     return blocks or [f"no cell wrote {key.replace('_', ' ')}"]
 
 
