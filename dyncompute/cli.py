@@ -40,11 +40,37 @@ def _plugins(sub) -> None:
 
 
 def _quickstart(sub) -> None:
-    p = sub.add_parser("quickstart", help="train tiny models on the built-in data, sample, write a report")
-    p.add_argument("--out", default="reports/quickstart")
-    p.add_argument("--runs", default="runs/quickstart")
-    p.add_argument("--steps", type=int, help="override the training steps of every model")
-    p.add_argument("--num-samples", type=int, default=32)
+    p = sub.add_parser("quickstart", help="train, sample and report DiT/2, DC-DiT and its iso-FLOP DiT (a sweep)")
+    p.add_argument("--out", default="reports/quickstart-run", help="sweep folder (default reports/quickstart-run, "
+                   "ignored by git)")
+    p.add_argument("--jobs", "-j", type=int, help="cells at once (default: min(3, cores))")
+    p.add_argument("--executor", default="local", choices=["local", "debug"])
+    p.add_argument("--steps", type=int, help="override every model's training steps")
+    p.add_argument("--bind", "-b", action="append", default=[], help="extra binding for every cell")
+
+
+def _sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="run or resume a gin sweep (grid of cells) and write its report")
+    p.add_argument("sweep_file", help="sweep gin file (sweep.base, sweep.axes, ...)")
+    p.add_argument("--out", required=True, help="sweep folder (cells/, runs/, results.csv, report.md)")
+    p.add_argument("--executor", default="local", choices=["local", "slurm", "debug"])
+    p.add_argument("--jobs", "-j", type=int, help="local: cells at once (default 1); slurm: array parallelism")
+    p.add_argument("--shard", help="run shard i of n (1-based), e.g. 1/2: disjoint training runs")
+    p.add_argument("--retry-failed", action="store_true", help="rerun the cells that failed before")
+    p.add_argument("--partition", help="slurm partition")
+    p.add_argument("--gpus", type=int, help="slurm: GPUs per cell (a cell with >1 trains with ignite.distributed)")
+    p.add_argument("--time", type=int, help="slurm: time limit per cell in minutes")
+    p.add_argument("--threads", type=int, help="torch threads per cell (default local: cores / jobs)")
+    p.add_argument("--bind", "-b", action="append", default=[],
+                   help="extra binding for every cell (after sweep.bindings)")
+    p.add_argument("--dry-run", action="store_true", help="check and expand the sweep, print the cells, run nothing")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _report(sub) -> None:
+    p = sub.add_parser("report", help="rebuild a sweep's results.csv, report.md/.html and figures from its files")
+    p.add_argument("sweep_dir")
+    p.add_argument("--to", help="write the report here instead (figures are copied; default: SWEEP_DIR)")
 
 
 def _bench(sub) -> None:
@@ -107,7 +133,7 @@ def _views(sub) -> None:
     p.add_argument("--weights", default="ema", help="ema or model")
 
 
-COMMANDS = [_train, _sample, _plugins, _quickstart, _bench, _flops, _match, _views]
+COMMANDS = [_train, _sample, _plugins, _quickstart, _sweep, _report, _bench, _flops, _match, _views]
 
 
 def build_parser() -> argparse.ArgumentParser:

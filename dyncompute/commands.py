@@ -49,8 +49,40 @@ def plugins(args) -> None:
 
 def quickstart(args) -> None:
     from .quickstart import quickstart as run
+    from .sweeps.grid import resumable
 
-    print(run(args.out, args.runs, args.steps, args.num_samples).to_string(index=False))
+    bindings = [*args.bind, *([f"train.steps = {args.steps}"] if args.steps else [])]
+    with resumable(args.out):
+        summary = run(args.out, args.jobs, args.executor, bindings)
+    print(f"report: {summary['report']} (and report.html, results.csv, figures/ beside it)")
+
+
+def sweep(args) -> None:
+    from .sweeps.cell import cell_dir, cell_status
+    from .sweeps.executors import ExecutorConfig
+    from .sweeps.grid import parse_shard, resumable, run_sweep, shard_cells
+    from .sweeps.spec import load_sweep
+
+    spec = load_sweep(args.sweep_file, args.bind)
+    slurm = {k: v for k, v in (("partition", args.partition), ("gpus_per_node", args.gpus), ("time", args.time))
+             if v is not None}
+    shard = parse_shard(args.shard)
+    if args.dry_run:
+        for c in shard_cells(spec.cells, shard):
+            print(f"{c.cell_id}  train {c.train_id}  {cell_status(cell_dir(args.out, c.cell_id)):8s}  {c.label}")
+        return
+    with resumable(args.out):
+        summary = run_sweep(args.sweep_file, args.out, ExecutorConfig(args.executor, args.jobs, slurm), shard,
+                            args.retry_failed, progress=not args.no_progress, sweep=spec, threads=args.threads)
+    print(json.dumps(summary))
+    if summary.get("failed"):
+        raise SystemExit(1)
+
+
+def report(args) -> None:
+    from .sweeps.report import write_report
+
+    print(write_report(args.sweep_dir, args.to))
 
 
 def bench(args) -> None:

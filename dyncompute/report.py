@@ -1,6 +1,9 @@
 """Report writing: pandas tables as CSV + Markdown, matplotlib figures, one page per study."""
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+from html import escape
 from pathlib import Path
 
 import matplotlib
@@ -57,3 +60,47 @@ def write_page(path: str | Path, title: str, sections: list[tuple[str, str]]) ->
     for heading, text in sections:
         body += [f"## {heading}", "", text.strip(), ""]
     return atomic_write_text("\n".join(body), path)
+
+
+# --------------------------------------------------------------------------- pages with tables and figures
+
+
+@dataclass
+class Figure:
+    path: str  # relative to the page
+    caption: str = ""
+
+
+def write_pages(out_dir: str | Path, title: str, sections: list[tuple[str, list]], floatfmt: str = ".4g") -> dict:
+    """report.md and report.html from the same sections: (heading, [text | DataFrame | Figure, ...])."""
+    out_dir = Path(out_dir)
+    md = [f"# {title}", ""]
+    html = [f"<!doctype html><meta charset='utf-8'><title>{escape(title)}</title>", _CSS, f"<h1>{escape(title)}</h1>"]
+    for heading, blocks in sections:
+        md += [f"## {heading}", ""]
+        html.append(f"<h2>{escape(heading)}</h2>")
+        for block in blocks:
+            if isinstance(block, pd.DataFrame):
+                md += [markdown_table(block, floatfmt), ""]
+                html.append(block.to_html(index=False, na_rep="", float_format=lambda v: format(v, floatfmt),
+                                          border=0, classes="table"))
+            elif isinstance(block, Figure):
+                md += [f"![{block.caption}]({block.path})", ""] + ([f"*{block.caption}*", ""] if block.caption else [])
+                html.append(f"<figure><img src='{escape(block.path)}' alt='{escape(block.caption)}'>"
+                            f"<figcaption>{_inline(block.caption)}</figcaption></figure>")
+            else:
+                md += [str(block).strip(), ""]
+                html.append(f"<p>{_inline(str(block).strip())}</p>")
+    return {"md": atomic_write_text("\n".join(md), out_dir / "report.md"),
+            "html": atomic_write_text("\n".join(html) + "\n", out_dir / "report.html")}
+
+
+_CSS = ("<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
+        "table{border-collapse:collapse;font-size:13px}td,th{padding:3px 8px;border-bottom:1px solid #ddd;"
+        "text-align:right}img{max-width:100%}figcaption{font-size:13px;color:#444}code{background:#f3f3f3}</style>")
+
+
+def _inline(text: str) -> str:
+    """Escaped text with Markdown's `code` and **bold** spans."""
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", escape(text))
+    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", text).replace("\n\n", "</p><p>")

@@ -28,6 +28,7 @@ class Tokenizer(nn.Module, abc.ABC):
     """
 
     budget_keys: ClassVar[tuple[str, ...]] = ()  # the budget keywords encode() accepts
+    dynamic_tokens: ClassVar[bool] = False  # True when the tokens depend on the input (see `token_map`)
     # accounting (dyncompute.flops): {submodule prefix: component name}; "" is the tokenizer itself.
     # Undeclared submodules are counted under "tokenizer".
     flop_components: ClassVar[dict[str, str]] = {}

@@ -232,3 +232,18 @@ def test_views_record_and_plot(tmp_path):
                                  num_heads=4, tokenizer="patchify")
     traj = record_trajectory(patch, num_samples=2, num_steps=2)
     assert traj.maps.shape == (2, 2, 4, 4) and traj.maps.all()
+
+
+def test_nearest_dechunk_is_gaussian_nearest_without_smoothing():
+    """The no-smoothing ablation copies the nearest kept token: Gaussian smoothing as sigma -> 0."""
+    from dyncompute.tokens import Tokens
+    from dyncompute_plugins.tokenizers.dynamic_chunking.dechunk import GaussianNearest, Nearest
+    mask = torch.tensor([[True, False, False, True, False, True]])
+    p = torch.tensor([[0.9, 0.2, 0.1, 0.7, 0.3, 0.6]])
+    z = torch.tensor([[1.0], [2.0], [3.0]])
+    tokens = Tokens.from_lengths(z, [3], torch.tensor([[0, 0], [1, 0], [1, 2]]))
+    out = Nearest()(z, tokens, p, mask, (2, 3))[0, :, 0]
+    assert torch.equal(out, torch.tensor([1.0, 1.0, 3.0, 2.0, 2.0, 3.0]))
+    assert torch.allclose(GaussianNearest(sigma=1e-3)(z, tokens, p, mask, (2, 3))[0, :, 0], out)
+    model = tiny(dechunk="nearest")
+    assert torch.isfinite(model(*batch(2))).all()

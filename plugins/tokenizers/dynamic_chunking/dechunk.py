@@ -4,6 +4,7 @@
   then every grid position copies its nearest kept token.
 - ``ema_raster`` (H-Net): EMA over the kept tokens in raster order, each position repeats the last
   kept token at or before it.
+- ``nearest`` (ablation, "no smoothing"): every grid position copies its nearest kept token.
 Both run in float32 on the padded (B, M, ...) layout of the kept tokens; the result of a sample never
 depends on the other samples of the batch.
 """
@@ -60,6 +61,15 @@ class EmaRaster(Dechunker):
         causal = torch.ones(M, M, dtype=torch.bool, device=z.device).tril()
         w = torch.exp((decay[:, :, None] - decay[:, None]).masked_fill(~causal, float("-inf"))) * pk[:, None]
         return _gather_rows(torch.bmm(w, zp), previous_kept(mask))
+
+
+@DECHUNKERS.register("nearest")
+class Nearest(Dechunker):
+    """The smoothing ablation: ``gaussian_nearest`` without the confidence-weighted smoothing."""
+
+    def forward(self, z, tokens: Tokens, p, mask, grid):
+        zp, _ = pad_packed(z.float(), tokens)
+        return _gather_rows(zp, nearest_kept(mask, grid[1]))
 
 
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,7 @@ class DynamicChunking(Tokenizer):
     """DC-DiT's learned, data-dependent tokenizer (P = 1 conv stem, width D / ``enc_dec_factor``)."""
 
     budget_keys = ("tail_drop",)
+    dynamic_tokens = True
     # FLOP accounting (dyncompute.flops): submodule -> the paper's component names
     flop_components = {"stem": "embeddings", "encoder": "encoder", "router": "router",
                        "dechunker": "de-chunk", "backbone_norm": "de-chunk", "residual_proj": "de-chunk",
