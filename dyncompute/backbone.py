@@ -10,7 +10,7 @@ from .tokens import Tokens
 
 
 class DiTBlock(nn.Module):
-    """DiT block with adaLN-Zero conditioning; per-sample modulation is gathered onto tokens."""
+    """DiT block with adaLN-Zero conditioning; per-sample modulation is gathered onto tokens once."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
@@ -22,7 +22,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, h: torch.Tensor, c: torch.Tensor, tokens: Tokens) -> torch.Tensor:
         """h: ``tokens.batched()`` layout; c: (B, D) conditioning."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        ada = tokens.per_token(self.adaLN_modulation(c))  # one gather per block, whatever the batch size
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ada.chunk(6, dim=-1)
         h = tokens.gated_add(h, gate_msa, self.attn(tokens.modulate(self.norm1(h), shift_msa, scale_msa), tokens))
         h = tokens.gated_add(h, gate_mlp, self.mlp(tokens.modulate(self.norm2(h), shift_mlp, scale_mlp)))
         return h

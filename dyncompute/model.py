@@ -34,6 +34,7 @@ class DiffusionTransformer(nn.Module):
     """A DiT whose grid <-> token ends are a tokenizer plugin.
 
     ``forward(x, t, y, **budget)`` returns the prediction on the input grid (B, C_out, H, W).
+    ``compile=True`` takes the compiled path of :mod:`dyncompute.compile` (training and sampling).
     """
 
     def __init__(
@@ -49,6 +50,7 @@ class DiffusionTransformer(nn.Module):
         reducers: Sequence[str | nn.Module] = (),
         learn_sigma: bool = True,
         class_dropout_prob: float = 0.1,
+        compile: bool = False,
     ):
         super().__init__()
         self.input_size, self.in_channels, self.num_classes = input_size, in_channels, num_classes
@@ -66,6 +68,10 @@ class DiffusionTransformer(nn.Module):
         self.reducers = nn.ModuleList(REDUCERS.build(r) if isinstance(r, str) else r for r in reducers)
         for reducer in self.reducers:
             reducer.attach(self)
+        if compile:  # the opt-in compiled path (dyncompute.compile)
+            from .compile import compile_model
+
+            compile_model(self)
 
     def initialize_weights(self) -> None:
         """DiT's init in one place, then the tokenizer's own."""

@@ -19,6 +19,10 @@ class Tokenizer(nn.Module, abc.ABC):
     """
 
     budget_keys: tuple[str, ...] = ()  # the budget keywords encode() accepts
+    # The compiled path (dyncompute.compile): True when every input of one size gives the same token count
+    # (the whole forward compiles as one graph); else the submodules whose shapes follow the input grid.
+    static_shapes: bool = False
+    static_parts: tuple[str, ...] = ()
 
     @abc.abstractmethod
     def encode(self, x: torch.Tensor, c: torch.Tensor, **budget) -> tuple[Tokens, Any]:

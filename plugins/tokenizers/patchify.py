@@ -16,6 +16,8 @@ from dyncompute.tokens import Tokens
 class Patchify(Tokenizer):
     """Every P x P patch becomes one token: L = (H / P)^2 for every sample and timestep."""
 
+    static_shapes = True
+
     def __init__(self, hidden_size: int, in_channels: int, out_channels: int, input_size: int,
                  cond_dim: int | None = None, patch_size: int = 2):
         super().__init__()
