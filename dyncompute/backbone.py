@@ -22,7 +22,9 @@ class DiTBlock(nn.Module):
 
     def forward(self, h: torch.Tensor, c: torch.Tensor, tokens: Tokens) -> torch.Tensor:
         """h: ``tokens.batched()`` layout; c: (B, D) conditioning."""
-        ada = tokens.per_token(self.adaLN_modulation(c))  # one gather per block, whatever the batch size
+        ada = self.adaLN_modulation(c).unflatten(-1, (6, -1))  # (B, 6, D): shift, scale, gate; attention, MLP
+        ada[:, 1::3] += 1  # DiT's x * (1 + scale): the 1 is added per sample, not per token
+        ada = tokens.per_token(ada.flatten(1))  # one gather per block, whatever the batch size
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ada.chunk(6, dim=-1)
         h = tokens.gated_add(h, gate_msa, self.attn(tokens.modulate(self.norm1(h), shift_msa, scale_msa), tokens))
         h = tokens.gated_add(h, gate_mlp, self.mlp(tokens.modulate(self.norm2(h), shift_mlp, scale_mlp)))

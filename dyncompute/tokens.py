@@ -69,9 +69,10 @@ class Tokens:
         uniform, else each token's own row (T, K), gathered once by ``batch``."""
         return v.unsqueeze(1) if self.uniform else v.index_select(0, self.batch)
 
-    def modulate(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """adaLN's x * (1 + scale) + shift, one fused kernel; shift/scale come from `per_token`."""
-        return torch.addcmul(shift, x, 1 + scale)
+    def modulate(self, x: torch.Tensor, shift: torch.Tensor, one_plus_scale: torch.Tensor) -> torch.Tensor:
+        """adaLN's x * (1 + scale) + shift in one fused kernel; the vectors come from `per_token`, the
+        scale with its 1 already added (once per sample, not once per token)."""
+        return torch.addcmul(shift, x, one_plus_scale)
 
     def gated_add(self, h: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """adaLN-Zero's gated residual h + gate * y, one fused kernel; gate comes from `per_token`."""
