@@ -118,9 +118,10 @@ def _spin(stop) -> None:
 
 @contextlib.contextmanager
 def busy(processes: int):
-    """``processes`` pure-Python busy loops on other cores while the block runs (a shared machine)."""
+    """``processes`` pure-Python busy loops on other cores while the block runs (a shared machine);
+    yields the worker processes."""
     if processes <= 0:
-        yield
+        yield []
         return
     ctx = multiprocessing.get_context("fork")
     stop = ctx.Event()
@@ -128,7 +129,7 @@ def busy(processes: int):
     for w in workers:
         w.start()
     try:
-        yield
+        yield workers
     finally:
         stop.set()
         for w in workers:

@@ -112,7 +112,7 @@ class DiffusionTransformer(nn.Module):
         half = x[: len(x) // 2]
         if uncond_budget is not None:
             budget = _split_budget(budget, uncond_budget, len(half), x.device)
-        result = self.forward(torch.cat([half, half]), t, y, return_info=return_info, **budget)
+        result = self(torch.cat([half, half]), t, y, return_info=return_info, **budget)  # hooks, compiled path
         out, info = result if return_info else (result, None)
         k = self.in_channels if guided_channels is None else guided_channels
         eps, rest = out[:, :k], out[:, k:]

@@ -116,7 +116,7 @@ def toolchain_missing() -> bool:
 
 
 needs_compiler = pytest.mark.skipif(toolchain_missing(), reason="torch.compile needs a C++ compiler (none found)")
-SMALL = {"input_size": 8, "in_channels": 4, "num_classes": 10, "hidden_size": 32, "depth": 2, "num_heads": 4,
+SMALL = {"input_size": 8, "in_channels": 4, "num_classes": 10, "hidden_size": 32, "depth": 1, "num_heads": 4,
          "class_dropout_prob": 0.0}
 
 
@@ -165,7 +165,11 @@ def test_compiled_dcdit_equals_eager_without_recompiling_for_new_lengths():
         pytest.skip("the dynamic_chunking tokenizer is not registered")
     from dyncompute_plugins.tokenizers.dynamic_chunking.bench import calibrate_router
 
-    tok = lambda: TOKENIZERS.build("dynamic_chunking", hidden_size=32, in_channels=4, out_channels=8, input_size=8)
+    def tok():
+        tokenizer = TOKENIZERS.build("dynamic_chunking", hidden_size=32, in_channels=4, out_channels=8, input_size=8)
+        tokenizer.static_parts = ()  # the convolutional ends compile like any static graph (the DiT test): time
+        return tokenizer
+
     compiled, eager = pair(tokenizer=tok())
     calibrate_router(eager, *batch(8, 1), 0.3)
     compiled.load_state_dict(eager.state_dict())
@@ -178,3 +182,37 @@ def test_compiled_dcdit_equals_eager_without_recompiling_for_new_lengths():
         with torch._dynamo.config.patch(error_on_recompile=i > 0):  # new lengths, same batch size
             assert_same_step(compiled, eager, x, t, y)
     assert len(set(seen)) == len(seen)
+
+
+# --------------------------------------------------------------------------- bench instruments
+
+
+def test_kernel_launches_counts_computing_operators_only():
+    from dyncompute.bench import kernel_launches
+
+    a, b, c = torch.randn(3, 64, 64).unbind(0)
+    assert kernel_launches(lambda: a.view(-1).reshape(64, 64).t()) == 0
+    assert kernel_launches(lambda: torch.addcmul(a, b, c)) == 1
+    assert kernel_launches(lambda: (a @ b + c).sum()) == 3
+
+
+def test_busy_processes_use_the_cpu_and_stop():
+    import time
+    from pathlib import Path
+
+    from dyncompute.bench import busy
+
+    cpu_ticks = lambda pid: sum(int(v) for v in Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[11:13])
+    with busy(1) as workers:
+        time.sleep(0.5)
+        assert len(workers) == 1 and workers[0].is_alive() and cpu_ticks(workers[0].pid) > 0
+    assert not workers[0].is_alive()
+
+
+def test_bench_case_args_are_checked(capsys):
+    from dyncompute.bench import parse_case_args
+    from dyncompute.cli import main
+
+    assert parse_case_args(["batch=64", "compile=True", "name=x"]) == {"batch": 64, "compile": True, "name": "x"}
+    assert main(["bench", "dit_train_step", "--arg", "batch"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
