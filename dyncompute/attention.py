@@ -1,10 +1,19 @@
 """Self-attention over packed `Tokens`.
 
 Dispatch (DESIGN.md): equal-length tokens take one fused SDPA call on (B, H, L, d); variable-length
-tokens use flash-attn's varlen kernel when it is installed on CUDA, else a per-sample SDPA loop
-(measured on CPU: padded+masked SDPA ~2x and nested tensors ~10-25x slower than the loop).
+tokens use flash-attn's varlen kernel when it is installed on CUDA (half precision), else grouped SDPA:
+one call per run of consecutive equal-length samples (a zero-copy view), and, where that saves more
+calls than it costs copies, samples of equal length are first permuted next to each other. Distinct
+lengths still cost one call each: measured on CPU, padded+masked SDPA cost ~2x and nested tensors
+~10-25x the per-sample calls.
+
+Under ``torch.compile`` the grouped path is one custom operator (``dyncompute::grouped_sdpa``) that
+reads the per-sample lengths from a host tensor, so a compiled backbone sees neither a python loop nor
+the lengths, and new lengths do not recompile it.
 """
 from __future__ import annotations
+
+from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
@@ -17,18 +26,143 @@ try:  # optional CUDA kernel
 except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_varlen_func = None
 
+PERMUTE_COPIES = 4  # kernels a permutation costs: gather q, k, v, scatter the output
+
+
+def use_flash(q: torch.Tensor) -> bool:
+    return flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: Tokens) -> torch.Tensor:
     """Attention within each sample of packed q, k, v (T, H, d); returns (T, H, d)."""
-    if flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+    if use_flash(q):
         cu = tokens.cu_seqlens.to(torch.int32)
-        n = max(tokens.lengths)
-        return flash_attn_varlen_func(q, k, v, cu, cu, n, n)
-    outs = []
-    for qs, ks, vs in zip(*(torch.split(t, list(tokens.lengths)) for t in (q, k, v))):
-        o = F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1))
-        outs.append(o.transpose(0, 1))
-    return torch.cat(outs)
+        return flash_attn_varlen_func(q, k, v, cu, cu, tokens.max_len, tokens.max_len)
+    if torch.compiler.is_compiling():
+        return torch.ops.dyncompute.grouped_sdpa(q, k, v, tokens.host_lengths)
+    return grouped_sdpa(q, k, v, tokens.lengths)
+
+
+# --------------------------------------------------------------------------- grouping
+
+
+def sdpa_plan(lengths) -> tuple[torch.Tensor | None, list[tuple[int, int]]]:
+    """How to cover the samples with few SDPA calls.
+
+    Returns (perm, calls): ``perm`` is None or the sample order that puts equal lengths next to each
+    other; ``calls`` lists (number of samples, length) per SDPA call, in (permuted) order.
+    """
+    lengths = [int(n) for n in lengths]
+    runs = _runs(lengths)
+    groups = defaultdict(list)
+    for b, n in enumerate(lengths):
+        groups[n].append(b)
+    if len(runs) - len(groups) <= PERMUTE_COPIES:
+        return None, runs
+    order = [b for members in groups.values() for b in members]
+    return torch.tensor(order), [(len(m), n) for n, m in groups.items()]
+
+
+def _runs(lengths: list[int]) -> list[tuple[int, int]]:
+    runs: list[list[int]] = []
+    for n in lengths:
+        if runs and runs[-1][1] == n:
+            runs[-1][0] += 1
+        else:
+            runs.append([1, n])
+    return [(c, n) for c, n in runs]
+
+
+def _token_order(lengths: list[int], perm: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token indices of the samples taken in ``perm`` order, and the inverse permutation."""
+    n = torch.tensor(lengths)
+    starts = F.pad(n.cumsum(0), (1, 0))[:-1]
+    index = torch.cat([torch.arange(starts[b], starts[b] + n[b]) for b in perm.tolist()])
+    return index.to(device), index.argsort().to(device)
+
+
+def _calls(x: torch.Tensor, calls) -> list[torch.Tensor]:
+    """Views of packed (T, H, d) as (n, H, L, d) per call."""
+    out, s = [], 0
+    for count, n in calls:
+        out.append(x[s:s + count * n].unflatten(0, (count, n)).transpose(1, 2))
+        s += count * n
+    return out
+
+
+def _pack(outs: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([o.transpose(1, 2).flatten(0, 1) for o in outs])
+
+
+def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths) -> torch.Tensor:
+    """SDPA within each sample of packed q, k, v (T, H, d), one call per group of equal lengths."""
+    lengths = [int(n) for n in lengths]
+    perm, calls = sdpa_plan(lengths)
+    if perm is not None:
+        index, inverse = _token_order(lengths, perm, q.device)
+        q, k, v = (t.index_select(0, index) for t in (q, k, v))
+    outs = [F.scaled_dot_product_attention(a, b, c) for a, b, c in zip(_calls(q, calls), _calls(k, calls),
+                                                                       _calls(v, calls))]
+    out = _pack(outs)
+    return out if perm is None else out.index_select(0, inverse)
+
+
+# --------------------------------------------------------------------------- the compiled path
+
+
+@torch.library.custom_op("dyncompute::grouped_sdpa", mutates_args=())
+def _grouped_sdpa_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, host_lengths: torch.Tensor) -> torch.Tensor:
+    return grouped_sdpa(q, k, v, host_lengths.tolist())
+
+
+@_grouped_sdpa_op.register_fake
+def _(q, k, v, host_lengths):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("dyncompute::grouped_sdpa_backward", mutates_args=())
+def _grouped_sdpa_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              host_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `grouped_sdpa` (autograd is off inside a custom operator: the softmax-attention
+    backward written out, per call, recomputing the probabilities as flash attention does)."""
+    lengths = host_lengths.tolist()
+    perm, calls = sdpa_plan(lengths)
+    if perm is not None:
+        index, inverse = _token_order(lengths, perm, q.device)
+        grad, q, k, v = (t.index_select(0, index) for t in (grad, q, k, v))
+    grads = [_sdpa_backward(*a) for a in zip(*(_calls(t, calls) for t in (grad, q, k, v)))]
+    dq, dk, dv = (_pack(list(g)) for g in zip(*grads))
+    if perm is None:
+        return dq, dk, dv
+    return tuple(d.index_select(0, inverse) for d in (dq, dk, dv))
+
+
+def _sdpa_backward(grad, q, k, v):
+    """dq, dk, dv of softmax(q kᵀ / sqrt(d)) v for (n, H, L, d) inputs."""
+    scale = q.shape[-1] ** -0.5
+    p = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)
+    dv = p.transpose(-1, -2) @ grad
+    dp = grad @ v.transpose(-1, -2)
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * scale
+    return ds @ k, ds.transpose(-1, -2) @ q, dv
+
+
+@_grouped_sdpa_backward_op.register_fake
+def _(grad, q, k, v, host_lengths):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad):
+    q, k, v, host_lengths = ctx.saved_tensors
+    dq, dk, dv = torch.ops.dyncompute.grouped_sdpa_backward(grad.contiguous(), q, k, v, host_lengths)
+    return dq, dk, dv, None
+
+
+_grouped_sdpa_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class PackedAttention(Attention):

@@ -11,7 +11,7 @@ from .tokens import Tokens
 
 
 class DiTBlock(nn.Module):
-    """DiT block with adaLN-Zero conditioning; per-sample modulation is gathered onto tokens."""
+    """DiT block with adaLN-Zero conditioning; per-sample modulation is gathered onto tokens once."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
@@ -24,7 +24,7 @@ class DiTBlock(nn.Module):
     def forward(self, h: torch.Tensor, c: torch.Tensor, tokens: Tokens, hooks: Hooks | None = None,
                 index: int = 0) -> torch.Tensor:
         """h: ``tokens.batched()`` layout; c: (B, D) conditioning; reducers run at ``hooks``."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c, tokens)
         a = tokens.modulate(self.norm1(h), shift_msa, scale_msa)
         a = hooks.token_op("attention", index, self.attn, a, tokens) if hooks else self.attn(a, tokens)
         h = tokens.gated_add(h, gate_msa, a)
@@ -32,13 +32,19 @@ class DiTBlock(nn.Module):
         m = hooks.token_op("mlp", index, self.run_mlp, m, tokens) if hooks else self.mlp(m)
         return tokens.gated_add(h, gate_mlp, m)
 
+    def modulation(self, c: torch.Tensor, tokens: Tokens) -> tuple[torch.Tensor, ...]:
+        """adaLN's six vectors per token: shift, 1 + scale, gate for attention, then for the MLP."""
+        ada = self.adaLN_modulation(c).unflatten(-1, (6, -1))  # (B, 6, D)
+        ada[:, 1::3] += 1  # DiT's x * (1 + scale): the 1 is added per sample, not per token
+        return tokens.per_token(ada.flatten(1)).chunk(6, dim=-1)  # one gather per block, whatever the batch
+
     def run_mlp(self, h: torch.Tensor, tokens: Tokens) -> torch.Tensor:
         """The MLP with the (h, tokens) signature of a token hook's op."""
         return self.mlp(h)
 
     def modulated_input(self, h: torch.Tensor, c: torch.Tensor, tokens: Tokens) -> torch.Tensor:
         """The attention branch's adaLN-modulated input (TeaCache's change indicator reads block 0's)."""
-        shift_msa, scale_msa = self.adaLN_modulation(c).chunk(6, dim=-1)[:2]
+        shift_msa, scale_msa = self.modulation(c, tokens)[:2]
         return tokens.modulate(self.norm1(h), shift_msa, scale_msa)
 
     def zero_init(self) -> None:

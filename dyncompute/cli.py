@@ -79,6 +79,9 @@ def _bench(sub) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int)
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: CUDA when available")
+    p.add_argument("--arg", "-a", action="append", default=[], metavar="KEY=VALUE",
+                   help="keyword for the case builders that take it (e.g. batch=64, compile=True), repeatable")
     p.add_argument("--out", default="reports/bench/bench.csv")
     p.add_argument("--list", action="store_true", help="list the case names")
 

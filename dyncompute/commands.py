@@ -86,14 +86,20 @@ def report(args) -> None:
 
 
 def bench(args) -> None:
-    from .bench import CASES, run_cases
+    import torch
+
+    from .bench import CASES, DEVICE, parse_case_args, run_cases
+    from .errors import UserError
     from .registry import load_plugins
 
     if args.list:
         load_plugins()
         print("\n".join(sorted(CASES)))
         return
-    df = run_cases(args.cases or None, args.warmup, args.repeats, args.out, args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("bench --device cuda: no CUDA device is available")
+    DEVICE["name"] = args.device
+    df = run_cases(args.cases or None, args.warmup, args.repeats, args.out, args.threads, parse_case_args(args.arg))
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(df.drop(columns=["target"]).round(3).to_string(index=False))
     print(f"wrote {args.out}")

@@ -221,12 +221,13 @@ class _CallBackbone(nn.Module):
 
 @contextlib.contextmanager
 def counting(model: nn.Module):
-    """Eval mode, no grad, and the per-sample attention path (counted on real lengths)."""
+    """Eval mode, no grad, eager (a compiled model is traced as written), and the per-sample
+    attention path (counted on real lengths)."""
     was_training, flash = model.training, attention.flash_attn_varlen_func
     attention.flash_attn_varlen_func = None
     model.eval()
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), torch.compiler.set_stance("force_eager"):
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -236,10 +237,14 @@ def counting(model: nn.Module):
 
 def _analysis(module: nn.Module, inputs: tuple, owner: nn.Module) -> FlopCountAnalysis:
     fa = FlopCountAnalysis(module, inputs).set_op_handle(**OP_HANDLES)
-    # the tokenizer and reducers declare theirs; any other module may carry the same attribute
-    ignored = set(IGNORED_OPS).union(*(getattr(m, "flop_ignored_ops", ()) for m in owner.modules()))
-    fa.set_op_handle(**{op: None for op in ignored})
+    ignored = set(IGNORED_OPS) | {op for m in owner.modules() for op in getattr(m, "flop_ignored_ops", ())}
+    # fvcore names an autograd.Function "prim::PythonOp.<name>" but ignores bare kinds only: a zero handle
+    fa.set_op_handle(**{op: _zero if op.startswith("prim::PythonOp.") else None for op in ignored})
     return fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+
+
+def _zero(inputs, outputs) -> int:
+    return 0
 
 
 def trace_forward(model: nn.Module, x, t, y, budget: dict | None = None) -> Trace:

@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 
 from .config import build_model
+from .errors import UserError
 from .flops import count_forward, count_parameters, measurement_inputs, split_rows, trace_forward
 from .model import ModelConfig
 from .runs import load_weights
@@ -239,7 +240,7 @@ def _steps(model, args, root, base: DiTShape) -> dict:
     values = ([float(v) for v in args.budgets.split(",")] if args.budgets
               else [b[key] for b in model.tokenizer.training_budgets()[0] if key in b])
     if key is None or not values:
-        raise ValueError("compute-matched steps need a budget keyword and a budget set (--budget-key, --budgets)")
+        raise UserError("compute-matched steps need a budget keyword and a budget set (--budget-key, --budgets)")
     costs = budget_costs(model, key, values, args.samples, args.seed, root)
     reference = base_shape(model, args.patch_size)  # the DiT the config would replace (e.g. DC-DiT-B -> DiT-B/2)
     f_dit = dit_cost(reference)[0]

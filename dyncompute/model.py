@@ -51,6 +51,7 @@ class DiffusionTransformer(nn.Module):
     """A DiT whose grid <-> token ends are a tokenizer plugin, with reducers at declared hook points.
 
     ``forward(x, t, y, **budget)`` returns the prediction on the input grid (B, C_out, H, W).
+    ``compile=True`` takes the compiled path of :mod:`dyncompute.compile` (training and sampling).
     """
 
     def __init__(
@@ -67,6 +68,7 @@ class DiffusionTransformer(nn.Module):
         learn_sigma: bool = True,
         class_dropout_prob: float = 0.1,
         tokenizer_kwargs: dict | None = None,
+        compile: bool = False,
     ):
         super().__init__()
         self.config = ModelConfig(input_size, in_channels, num_classes, hidden_size, depth, num_heads, mlp_ratio,
@@ -89,6 +91,10 @@ class DiffusionTransformer(nn.Module):
         self.reducers = nn.ModuleList(_build_reducer(r) for r in reducers)
         for reducer in self.reducers:
             reducer.check_model(self)
+        if compile:  # the opt-in compiled path (dyncompute.compile)
+            from .compile import compile_model
+
+            compile_model(self)
 
     def initialize_weights(self) -> None:
         """DiT's init in one place, then the tokenizer's own."""
@@ -147,7 +153,7 @@ class DiffusionTransformer(nn.Module):
             budget = _split_budget(budget, uncond_budget, len(half), x.device)
         if step_cache is not None:
             budget["step_cache"] = step_cache
-        result = self.forward(torch.cat([half, half]), t, y, return_info=return_info, **budget)
+        result = self(torch.cat([half, half]), t, y, return_info=return_info, **budget)  # hooks, compiled path
         out, info = result if return_info else (result, None)
         k = self.in_channels if guided_channels is None else guided_channels
         eps, rest = out[:, :k], out[:, k:]

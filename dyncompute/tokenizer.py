@@ -34,6 +34,10 @@ class Tokenizer(nn.Module, abc.ABC):
     flop_components: ClassVar[dict[str, str]] = {}
     flop_order: ClassVar[tuple[str, ...]] = ()  # component names in data-flow order, "backbone" included
     flop_ignored_ops: ClassVar[tuple[str, ...]] = ()  # custom ops that are zero MACs (e.g. an STE)
+    # The compiled path (dyncompute.compile): True when every input of one size gives the same token count
+    # (the whole forward compiles as one graph); else the submodules whose shapes follow the input grid.
+    static_shapes: ClassVar[bool] = False
+    static_parts: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
     def encode(self, x: torch.Tensor, c: torch.Tensor, **budget) -> tuple[Tokens, Any]:

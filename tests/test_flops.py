@@ -112,6 +112,16 @@ def test_unsupported_operators_are_reported_unless_declared():
     assert flops.count_forward(model, x, t, y).unsupported_ops == {}
 
 
+def test_declared_python_op_is_not_unsupported():
+    """fvcore names an autograd.Function ``prim::PythonOp.<name>``; DC-DiT declares its STE ignored."""
+    model = tiny_dcdit(depth=1)
+    x, t, y = inputs(model, 2)
+    count = flops.count_forward(model, x, t, y)
+    assert count.unsupported_ops == {}
+    model.tokenizer.flop_ignored_ops = ()
+    assert set(flops.count_forward(model, x, t, y).unsupported_ops) == {"prim::PythonOp.STE"}
+
+
 # --------------------------------------------------------------------------- useful vs executed, components
 
 

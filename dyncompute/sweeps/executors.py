@@ -16,6 +16,7 @@ from pathlib import Path
 
 import submitit
 
+from ..errors import UserError
 from .cell import run_cell
 
 EXECUTORS = ("local", "slurm", "debug")
@@ -31,9 +32,9 @@ class ExecutorConfig:
 
     def __post_init__(self):
         if self.kind not in EXECUTORS:
-            raise ValueError(f"unknown executor {self.kind!r}; known: {', '.join(EXECUTORS)}")
+            raise UserError(f"unknown executor {self.kind!r}; known: {', '.join(EXECUTORS)}")
         if self.jobs is not None and self.jobs < 1:
-            raise ValueError(f"--jobs must be >= 1, got {self.jobs}")
+            raise UserError(f"--jobs must be >= 1, got {self.jobs}")
 
     @property
     def max_running(self) -> int | None:

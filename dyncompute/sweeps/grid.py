@@ -27,6 +27,7 @@ from pathlib import Path
 from ignite.engine import Engine, EventEnum, Events
 from ignite.handlers import ProgressBar
 
+from ..errors import UserError
 from ..io import atomic_write_text
 from .cell import RESULT, TRAINED, cell_dir, cell_status, prepare, record_failure, run_dir
 from .executors import CellExecutor, ExecutorConfig
@@ -266,7 +267,7 @@ def shard_cells(cells: list[Cell], shard: tuple[int, int] | None) -> list[Cell]:
         return list(cells)
     i, n = shard
     if not (n >= 1 and 1 <= i <= n):
-        raise ValueError(f"--shard {i}/{n}: expected i/n with 1 <= i <= n")
+        raise UserError(f"--shard {i}/{n}: expected i/n with 1 <= i <= n")
     train_ids = sorted({c.train_id for c in cells})
     mine = {t for k, t in enumerate(train_ids) if k % n == i - 1}
     return [c for c in cells if c.train_id in mine]
@@ -278,7 +279,7 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     try:
         i, n = (int(v) for v in text.split("/"))
     except ValueError:
-        raise ValueError(f"--shard {text!r}: expected i/n, e.g. 1/2") from None
+        raise UserError(f"--shard {text!r}: expected i/n, e.g. 1/2") from None
     shard_cells([], (i, n))  # range check
     return i, n
 

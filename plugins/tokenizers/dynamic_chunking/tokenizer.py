@@ -51,6 +51,7 @@ class DynamicChunking(Tokenizer):
                        "decoder": "decoder", "final_layer": "final layer"}
     flop_order = ("embeddings", "encoder", "router", "chunk", "backbone", "de-chunk", "decoder", "final layer")
     flop_ignored_ops = ("prim::PythonOp.STE",)  # straight-through estimator: an identity, 0 MACs
+    static_parts = ("stem", "encoder", "router", "decoder", "final_layer")  # shapes follow the grid
 
     def __init__(self, hidden_size: int, in_channels: int, out_channels: int, input_size: int,
                  cond_dim: int | None = None, router: str = "predictability",

@@ -17,6 +17,7 @@ class Patchify(Tokenizer):
     """Every P x P patch becomes one token: L = (H / P)^2 for every sample and timestep."""
 
     flop_components = {"x_embedder": "embeddings", "final_layer": "final layer"}
+    static_shapes = True
 
     def __init__(self, hidden_size: int, in_channels: int, out_channels: int, input_size: int,
                  cond_dim: int | None = None, patch_size: int = 2):

@@ -1,0 +1,31 @@
+"""The opt-in compiled path: ``torch.compile`` where the shapes allow it, set by one gin binding.
+
+``DiffusionTransformer.compile = True`` (training and sampling build the model through gin, so both
+take it) compiles, on first call:
+- **static tokenizers** (``Tokenizer.static_shapes``, e.g. patchify: every input of a size gives the
+  same token count) and no reducers: the whole forward as one graph (``fullgraph``);
+- otherwise (dynamic chunking, reducers): every backbone block with **dynamic shapes**: the token count,
+  the per-sample lengths and the batch size are runtime values (`Tokens` hands compiled code a flag and
+  tensors, attention is one custom operator), so a new set of lengths does not recompile, and all blocks
+  share one graph; the tokenizer's ``static_parts`` (e.g. DC-DiT's convolutional ends, whose shapes
+  follow the input grid) are compiled with static shapes.
+``nn.Module.compile`` leaves parameter names and state dicts as they are (checkpoints, EMA copies and
+FLOP counting see the plain modules); ``torch.compiler.set_stance("force_eager")`` runs eager.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """Compile ``model`` (a `DiffusionTransformer`) in place as described above; returns it."""
+    tokenizer = model.tokenizer
+    if tokenizer.static_shapes and not len(model.reducers):
+        model.compile(fullgraph=True)
+        return model
+    for block in model.backbone.blocks:
+        block.compile(dynamic=True)
+    for name in tokenizer.static_parts:
+        tokenizer.get_submodule(name).compile()
+    return model
+

@@ -1,0 +1,220 @@
+"""The fast paths are exact: packed adaLN and grouped attention against per-sample loops, a constant
+kernel count per block, and the compiled path against eager."""
+from collections import Counter
+from typing import ClassVar
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dyncompute import TOKENIZERS, DiffusionTransformer, Tokens
+from dyncompute.attention import grouped_sdpa, sdpa_plan
+from dyncompute.backbone import DiTBlock
+
+LENGTHS = [5, 9, 2, 9, 9, 4]
+
+
+def packed(lengths, dim=16, requires_grad=False):
+    x = torch.randn(sum(lengths), dim, requires_grad=requires_grad)
+    return Tokens.from_lengths(x, lengths, torch.zeros(sum(lengths), 2, dtype=torch.long))
+
+
+def test_packed_modulate_and_gated_add_equal_per_sample_loops():
+    tokens = packed(LENGTHS)
+    y, h = torch.randn_like(tokens.x), torch.randn_like(tokens.x)
+    shift, scale, gate = torch.randn(3, len(LENGTHS), 16).unbind(0)
+    mod = tokens.modulate(tokens.x, tokens.per_token(shift), tokens.per_token(1 + scale))
+    out = tokens.gated_add(h, tokens.per_token(gate), y)
+    for b, (xs, ys, hs, ms, os_) in enumerate(zip(*(tokens.unpack(v) for v in (tokens.x, y, h, mod, out)))):
+        assert torch.allclose(ms, xs * (1 + scale[b]) + shift[b], atol=1e-6)
+        assert torch.allclose(os_, hs + gate[b] * ys, atol=1e-6)
+
+
+def test_uniform_tokens_broadcast_per_sample_vectors():
+    tokens = Tokens.from_batched(torch.randn(3, 4, 8), torch.zeros(4, 2, dtype=torch.long))
+    v = torch.randn(3, 8)
+    assert tokens.per_token(v).shape == (3, 1, 8)
+    assert torch.equal(tokens.per_token(v)[1, 0], v[1])
+
+
+class KernelCount(TorchDispatchMode):
+    """Counts the aten operators that produce data (views and shape ops excluded)."""
+
+    VIEWS: ClassVar[set[str]] = {"view", "_unsafe_view", "t", "transpose", "unsqueeze", "split", "split_with_sizes",
+                                 "unbind", "expand", "slice", "select", "alias", "detach", "as_strided", "reshape",
+                                 "chunk", "unflatten"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in self.VIEWS:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def block_kernels(block, lengths):
+    tokens = packed(lengths, 32)
+    with KernelCount() as counter, torch.no_grad():
+        block(tokens.x, torch.randn(len(lengths), 32), tokens)
+    return counter.ops
+
+
+def test_block_kernels_do_not_grow_with_batch_size():
+    """adaLN on packed tokens: one gather per block, then one fused kernel per use (the loop it
+    replaced launched two per sample and use)."""
+    block = DiTBlock(32, 4).eval()
+    few = block_kernels(block, [3, 5])
+    many = block_kernels(block, [3, 5, 7, 2, 6, 4, 8, 9])
+    adaln = ("index_select", "addcmul", "add", "add_")
+    assert {k: few[k] for k in adaln} == {k: many[k] for k in adaln} == {"index_select": 1, "addcmul": 4, "add": 0,
+                                                                           "add_": 1}
+    # what still grows is attention: one SDPA call per distinct length (as the official varlen stand-in)
+    grows = {k for k in many if many[k] != few[k]}
+    assert grows <= {"_scaled_dot_product_flash_attention_for_cpu", "scaled_dot_product_attention"}, grows
+
+
+def per_sample_attention(q, k, v, lengths):
+    outs = [F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in qkv)).transpose(0, 1)
+            for qkv in zip(*(t.split(lengths) for t in (q, k, v)))]
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("lengths", [[3, 7, 5], [4, 4, 4, 2, 2, 5], [3, 5] * 6, [2, 9] * 5 + [1]])
+def test_grouped_attention_equals_per_sample(lengths):
+    q, k, v = (torch.randn(sum(lengths), 2, 8, requires_grad=True) for _ in range(3))
+    grad = torch.randn(sum(lengths), 2, 8)
+    ref = per_sample_attention(q, k, v, lengths)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
+    for out in (grouped_sdpa(q, k, v, lengths), torch.ops.dyncompute.grouped_sdpa(q, k, v, torch.tensor(lengths))):
+        assert torch.allclose(out, ref, atol=1e-6)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), ref_grads):
+            assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_sdpa_plan_groups_runs_and_permutes_only_when_it_pays():
+    assert sdpa_plan([3, 7, 5]) == (None, [(1, 3), (1, 7), (1, 5)])
+    assert sdpa_plan([4, 4, 4, 2, 2]) == (None, [(3, 4), (2, 2)])  # consecutive runs: views, no copy
+    perm, calls = sdpa_plan([3, 5] * 6)  # 12 calls become 2 for 4 copies
+    assert perm.tolist() == [0, 2, 4, 6, 8, 10, 1, 3, 5, 7, 9, 11] and calls == [(6, 3), (6, 5)]
+    assert sdpa_plan([3, 5, 3, 5])[0] is None  # 4 calls -> 2 would cost 4 copies
+
+
+# --------------------------------------------------------------------------- the compiled path
+
+
+def toolchain_missing() -> bool:
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except (RuntimeError, OSError):  # inductor found no C++ compiler
+        return True
+    return False
+
+
+needs_compiler = pytest.mark.skipif(toolchain_missing(), reason="torch.compile needs a C++ compiler (none found)")
+SMALL = {"input_size": 8, "in_channels": 4, "num_classes": 10, "hidden_size": 32, "depth": 1, "num_heads": 4,
+         "class_dropout_prob": 0.0}
+
+
+def pair(**kw):
+    """(compiled, eager) models with the same weights; the zero-initialised layers get small values."""
+    torch.manual_seed(0)
+    eager = DiffusionTransformer(**SMALL, **kw)
+    with torch.no_grad():
+        for p in eager.parameters():
+            if torch.count_nonzero(p) == 0:
+                p.normal_(std=0.02)
+    compiled = DiffusionTransformer(**SMALL, **kw, compile=True)
+    compiled.load_state_dict(eager.state_dict())
+    return compiled, eager
+
+
+def assert_same_step(compiled, eager, x, t, y):
+    """Same prediction and same gradients, in training mode."""
+    outs, grads = [], []
+    for m in (compiled, eager):
+        m.train()
+        out = m(x, t, y)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.square().mean(), list(m.parameters()), allow_unused=True))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5, rtol=1e-4)
+    top = max(g.abs().max() for g in grads[1] if g is not None)
+    for a, b in zip(*grads):
+        assert (a is None) == (b is None) and (a is None or (a - b).abs().max() <= 1e-4 * top)
+
+
+def batch(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 4, 8, 8, generator=g), torch.randint(0, 1000, (n,), generator=g),
+            torch.randint(0, 10, (n,), generator=g))
+
+
+@needs_compiler
+def test_compiled_dit_equals_eager():
+    compiled, eager = pair()
+    assert compiled.state_dict().keys() == eager.state_dict().keys()  # checkpoints are unchanged
+    assert_same_step(compiled, eager, *batch(3, 0))
+
+
+@needs_compiler
+def test_compiled_dcdit_equals_eager_without_recompiling_for_new_lengths():
+    if "dynamic_chunking" not in TOKENIZERS.names():
+        pytest.skip("the dynamic_chunking tokenizer is not registered")
+    from dyncompute_plugins.tokenizers.dynamic_chunking.bench import calibrate_router
+
+    def tok():
+        tokenizer = TOKENIZERS.build("dynamic_chunking", hidden_size=32, in_channels=4, out_channels=8, input_size=8)
+        tokenizer.static_parts = ()  # the convolutional ends compile like any static graph (the DiT test): time
+        return tokenizer
+
+    compiled, eager = pair(tokenizer=tok())
+    calibrate_router(eager, *batch(8, 1), 0.3)
+    compiled.load_state_dict(eager.state_dict())
+    seen = []
+    for i, seed in enumerate((2, 3, 4)):
+        x, t, y = batch(4, seed)
+        with torch.no_grad():
+            seen.append(tuple(eager(x, t, y, return_info=True)[1].tokens_per_sample))
+        assert len(set(seen[-1])) > 1, "the test needs mixed lengths"
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):  # new lengths, same batch size
+            assert_same_step(compiled, eager, x, t, y)
+    assert len(set(seen)) == len(seen)
+
+
+# --------------------------------------------------------------------------- bench instruments
+
+
+def test_kernel_launches_counts_computing_operators_only():
+    from dyncompute.bench import kernel_launches
+
+    a, b, c = torch.randn(3, 64, 64).unbind(0)
+    assert kernel_launches(lambda: a.view(-1).reshape(64, 64).t()) == 0
+    assert kernel_launches(lambda: torch.addcmul(a, b, c)) == 1
+    assert kernel_launches(lambda: (a @ b + c).sum()) == 3
+
+
+def test_busy_processes_use_the_cpu_and_stop():
+    import time
+    from pathlib import Path
+
+    from dyncompute.bench import busy
+
+    cpu_ticks = lambda pid: sum(int(v) for v in Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[11:13])
+    with busy(1) as workers:
+        time.sleep(0.5)
+        assert len(workers) == 1 and workers[0].is_alive() and cpu_ticks(workers[0].pid) > 0
+    assert not workers[0].is_alive()
+
+
+def test_bench_case_args_are_checked(capsys):
+    from dyncompute.bench import parse_case_args
+    from dyncompute.cli import main
+
+    assert parse_case_args(["batch=64", "compile=True", "name=x"]) == {"batch": 64, "compile": True, "name": "x"}
+    assert main(["bench", "dit_train_step", "--arg", "batch"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
