@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "dyncompute.flops",
     "dyncompute.matching",
     "dyncompute.views",
+    "dyncompute.evaluation.evaluate",
 ]
 
 
@@ -91,7 +92,8 @@ def main(argv=None) -> int:
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, KeyError, TypeError, RuntimeError) as e:
-        print(f"dyncompute {args.command}: error: {e}", file=sys.stderr)
+        message = str(e).split("\n  In call to configurable")[0]  # gin appends its call context on new lines
+        print(f"dyncompute {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -18,6 +18,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver, EMAHandler, ProgressBar, TerminateOnNan
 
 from .diffusion import make_objective
+from .evaluation.heldout import attach_evaluator
 from .io import atomic_write, atomic_write_text, load_checkpoint
 from .model import DiffusionTransformer
 from .registry import DATASETS
@@ -158,8 +159,12 @@ def train(
     num_workers: int = 0,
     device: str = "auto",
     progress: bool = True,
+    eval_every: int = 0,
 ) -> dict:
-    """Train ``DiffusionTransformer()`` (configured by gin) on a registered dataset; resumes if possible."""
+    """Train ``DiffusionTransformer()`` (configured by gin) on a registered dataset; resumes if possible.
+
+    ``eval_every`` > 0 evaluates the EMA model on held-out data every that many steps (metrics.csv columns).
+    """
     run_dir = Path(run_dir)
     (run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
     if idist.get_rank() == 0:
@@ -187,6 +192,8 @@ def train(
     saver = Checkpoint(to_save, DiskSaver(run_dir / CHECKPOINT_DIR, require_empty=False, atomic=True),
                        n_saved=2, global_step_transform=lambda e, _: e.state.iteration)
     trainer.add_event_handler(Events.ITERATION_COMPLETED(every=checkpoint_every) | Events.COMPLETED, saver)
+    if eval_every:  # before the logger, so each evaluated step's row carries the metrics
+        attach_evaluator(trainer, ema.ema_model, obj, dataset, eval_every)
     metrics = _attach_logging(trainer, run_dir, log_every, progress)
 
     last = latest_checkpoint(run_dir)

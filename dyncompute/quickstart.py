@@ -12,6 +12,7 @@ import pandas as pd
 
 from .config import scoped
 from .engine import train
+from .evaluation.router import has_router
 from .flops import forward_columns
 from .trajectory import TrajectoryRecorder, trajectory_columns
 from .report import loss_curves, markdown_table, save_figure, save_table, write_page
@@ -45,7 +46,7 @@ def quickstart(out: str | Path = "reports/quickstart", runs: str | Path = "runs/
         trajectory = recorder.count(num_samples)
         files = save_samples(samples.images, out, name=f"samples_{slug}")
         figures.append((name, Path(files["png"]).name))
-        if hasattr(model.tokenizer, "token_map"):  # data-dependent tokens: show where they go
+        if has_router(model):  # data-dependent tokens: show where they go
             views[name] = write_views(model, out / f"views_{slug}", num_samples=8, steps=25)
         metrics = result["metrics"]
         curves[name] = metrics

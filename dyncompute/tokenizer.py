@@ -32,6 +32,14 @@ class Tokenizer(nn.Module, abc.ABC):
         """Auxiliary training losses (already weighted), added to the diffusion loss."""
         return {}
 
+    def token_map(self, state: Any) -> torch.Tensor | None:
+        """(B, H, W) bool: grid positions the backbone saw as tokens; None: every token is kept."""
+        return None
+
+    def boundary_probability(self, state: Any) -> torch.Tensor | None:
+        """(B, H, W) float: a learned router's boundary probability per grid position; None: no router."""
+        return None
+
     def initialize_weights(self) -> None:
         """Tokenizer-specific init, run after the model's generic (DiT) init."""
 

@@ -32,9 +32,9 @@ class Trajectory:
 
 def token_map(model, info) -> torch.Tensor:
     """(B, H, W) bool kept-token map of one forward (every token kept when the tokenizer has no map)."""
-    fn = getattr(model.tokenizer, "token_map", None)
-    if fn is not None:
-        return fn(info.state).detach().cpu()
+    kept = model.tokenizer.token_map(info.state)
+    if kept is not None:
+        return kept.detach().cpu()
     B, n = len(info.tokens_per_sample), max(info.tokens_per_sample)
     side = int(round(n ** 0.5))
     return torch.ones(B, side, side, dtype=torch.bool)

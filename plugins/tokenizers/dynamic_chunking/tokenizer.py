@@ -131,3 +131,7 @@ class DynamicChunking(Tokenizer):
     def token_map(self, state: ChunkState) -> torch.Tensor:
         """(B, H, W) bool: which grid positions the backbone saw."""
         return state.mask.view(-1, *state.grid)
+
+    def boundary_probability(self, state: ChunkState) -> torch.Tensor:
+        """(B, H, W) float: the router's p (first and last raster positions forced to 1)."""
+        return state.p.view(-1, *state.grid)
