@@ -136,7 +136,23 @@ def _views(sub) -> None:
     p.add_argument("--weights", default="ema", help="ema or model")
 
 
-COMMANDS = [_train, _sample, _plugins, _quickstart, _sweep, _report, _bench, _flops, _match, _views]
+def _eval(sub) -> None:
+    p = sub.add_parser("eval", help="sample quality (fid_shapes, is_shapes, cas), held-out loss, router diagnostics")
+    p.add_argument("run_dir")
+    p.add_argument("--samples", type=int, default=256, help="generated (and real reference) images")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--sampler", default="ddpm")
+    p.add_argument("--steps", type=int, default=250, help="sampling steps")
+    p.add_argument("--cfg-scale", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--heldout", type=int, default=128, help="held-out images for the loss and router metrics")
+    p.add_argument("--features", nargs="+", default=["shapes_classifier"], help="registered feature extractors")
+    p.add_argument("--weights", default="ema", choices=["ema", "model"])
+    p.add_argument("--out", help="output folder (default RUN_DIR/eval)")
+    p.add_argument("--bind", "-b", action="append", default=[], help="extra gin binding, repeatable")
+
+
+COMMANDS = [_train, _sample, _plugins, _quickstart, _sweep, _report, _bench, _flops, _match, _views, _eval]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -166,3 +166,22 @@ def views(args) -> None:
     model = load_run(args.run_dir, weights=args.weights)
     files = write_views(model, args.out or Path(args.run_dir) / "views", args.num_samples, args.steps, args.sampler)
     print(json.dumps(files))
+
+
+def eval(args) -> None:  # noqa: A001  (the command is called eval)
+    from .errors import UserError
+    from .evaluation.evaluate import evaluate_run
+
+    if args.samples < 2 or args.heldout < 1:
+        raise UserError(f"--samples must be >= 2 and --heldout >= 1, got {args.samples} and {args.heldout}")
+    result = evaluate_run(args.run_dir, args.samples, args.sampler, args.steps, args.cfg_scale, args.seed,
+                          args.heldout, tuple(args.features), args.weights, out=args.out, bindings=args.bind)
+    if args.json:
+        print(json.dumps(result))
+        return
+    for key, value in result.items():
+        if isinstance(value, dict):
+            value = "  ".join(f"t={t}: {v:.4g}" if v is not None else f"t={t}: n/a" for t, v in value.items())
+        elif isinstance(value, float):
+            value = f"{value:.4g}"
+        print(f"{key:>38}  {value}")

@@ -28,6 +28,7 @@ from . import processes
 from .config import bound_arguments, scoped
 from .diffusion import make_objective
 from .errors import CheckpointError, ConfigError, Diverged, RunDirError, one_line
+from .evaluation.heldout import attach_evaluator
 from .io import atomic_save, atomic_write, atomic_write_text
 from .model import DiffusionTransformer
 from .observe import Infos, Observed
@@ -289,6 +290,7 @@ def train(
     progress: bool = True,
     allow_config_change: bool = False,
     prepared: bool = False,
+    eval_every: int = 0,
 ) -> dict:
     """Train ``DiffusionTransformer()`` (configured by gin) on a registered dataset; resumes if possible.
 
@@ -372,6 +374,8 @@ def _train(run_dir: Path, s: dict, data=None) -> dict:
     ema = EMAHandler(model, momentum=1.0 - s["ema_decay"])
     ema.attach(trainer, name="ema_momentum", event=Events.ITERATION_COMPLETED)
     _attach_lr_warmup(trainer, optimizer, s["lr"], s["warmup_steps"])
+    if s["eval_every"]:  # before the logger, so each evaluated step's row carries the metrics
+        attach_evaluator(trainer, ema.ema_model, obj, s["dataset"], s["eval_every"])
     metrics = _attach_logging(trainer, run_dir, s["log_every"], s["progress"] and rank == 0)
     to_save = {"model": model, "ema": ema.ema_model, "optimizer": optimizer, "trainer": trainer}
     saver = _attach_checkpoints(trainer, to_save, run_dir, s["checkpoint_every"], s["keep_checkpoints"], metrics)
