@@ -92,6 +92,21 @@ def _match(sub) -> None:
     p.add_argument("--json", action="store_true")
 
 
+def _calibrate(sub) -> None:
+    p = sub.add_parser("calibrate", help="fit a reducer's settings to a trained run (TeaCache's polynomial), as gin")
+    p.add_argument("reducer", help="a registered reducer (teacache)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="gin file to write (default RUN_DIR/<reducer>.gin)")
+    p.add_argument("--sampler", default="ddim")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps of the calibration trajectories")
+    p.add_argument("--num-samples", type=int, default=16)
+    p.add_argument("--cfg-scale", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", default="ema", choices=["ema", "model"])
+    p.add_argument("--clip-denoised", action="store_true", help="clip x0 to [-1, 1] (pixel data), as sampling does")
+    p.add_argument("--bind", "-b", action="append", default=[], help="extra gin binding for the model, repeatable")
+
+
 def _views(sub) -> None:
     p = sub.add_parser("views", help="boundary maps and tokens kept vs timestep over a sampling trajectory")
     p.add_argument("run_dir")
@@ -102,7 +117,7 @@ def _views(sub) -> None:
     p.add_argument("--weights", default="ema", help="ema or model")
 
 
-COMMANDS = [_train, _sample, _plugins, _quickstart, _bench, _flops, _match, _views]
+COMMANDS = [_train, _sample, _plugins, _quickstart, _bench, _flops, _match, _views, _calibrate]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,9 +137,15 @@ def main(argv=None) -> int:
     try:
         getattr(commands, args.command)(args)
     except (ValueError, FileNotFoundError, KeyError, TypeError, RuntimeError) as e:
-        print(f"dyncompute {args.command}: error: {e}", file=sys.stderr)
+        print(f"dyncompute {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _one_line(e: Exception) -> str:
+    """The error without the "In call to configurable ..." lines gin appends to errors raised inside a
+    configurable (a reducer's bad setting names its binding itself)."""
+    return " ".join(line.strip() for line in str(e).splitlines() if not line.strip().startswith("In call to configurable"))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ def sample(args) -> None:
     from .runs import load_run
     from .sampling import generate, save_samples
 
-    model = load_run(args.run_dir, weights=args.weights)
+    model = load_run(args.run_dir, weights=args.weights, bindings=args.bind)  # e.g. reducers
     settings = dict(num_samples=args.num_samples, sampler=args.sampler, num_steps=args.steps,
                     cfg_scale=args.cfg_scale, seed=args.seed, objective=run_objective(args.run_dir))
     bindings = [f"generate.{k} = {v!r}" for k, v in settings.items() if v is not None]
@@ -121,3 +121,13 @@ def views(args) -> None:
     model = load_run(args.run_dir, weights=args.weights)
     files = write_views(model, args.out or Path(args.run_dir) / "views", args.num_samples, args.steps, args.sampler)
     print(json.dumps(files))
+
+
+def calibrate(args) -> None:
+    from .registry import REDUCERS
+
+    result = REDUCERS.get(args.reducer).calibrate(
+        args.run_dir, out=args.out, sampler=args.sampler, num_steps=args.steps, num_samples=args.num_samples,
+        cfg_scale=args.cfg_scale, seed=args.seed, weights=args.weights, bindings=args.bind,
+        clip_denoised=True if args.clip_denoised else None)
+    print(json.dumps(result))
