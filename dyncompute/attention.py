@@ -10,6 +10,10 @@ lengths still cost one call each: measured on CPU, padded+masked SDPA cost ~2x a
 Under ``torch.compile`` the grouped path is one custom operator (``dyncompute::grouped_sdpa``) that
 reads the per-sample lengths from a host tensor, so a compiled backbone sees neither a python loop nor
 the lengths, and new lengths do not recompile it.
+
+``log_size`` (optional, one value per token) adds a bias to every key's logit: ToMe's proportional
+attention, softmax(q k^T / sqrt(d) + log s), where s is how many tokens a merged key stands for.
+The bias is elementwise (0 MACs); the biased path is plain SDPA (flash-attn's varlen kernel takes no bias).
 """
 from __future__ import annotations
 
@@ -33,14 +37,30 @@ def use_flash(q: torch.Tensor) -> bool:
     return flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: Tokens) -> torch.Tensor:
-    """Attention within each sample of packed q, k, v (T, H, d); returns (T, H, d)."""
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: Tokens,
+                     key_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention within each sample of packed q, k, v (T, H, d); ``key_bias`` (T,) is added to every
+    key's logit; returns (T, H, d)."""
+    if key_bias is not None:
+        return biased_sdpa(q, k, v, tokens, key_bias)
     if use_flash(q):
         cu = tokens.cu_seqlens.to(torch.int32)
         return flash_attn_varlen_func(q, k, v, cu, cu, tokens.max_len, tokens.max_len)
     if torch.compiler.is_compiling():
         return torch.ops.dyncompute.grouped_sdpa(q, k, v, tokens.host_lengths)
     return grouped_sdpa(q, k, v, tokens.lengths)
+
+
+def biased_sdpa(q, k, v, tokens: Tokens, key_bias: torch.Tensor) -> torch.Tensor:
+    """Per-sample SDPA with an additive per-key bias (ToMe's proportional attention)."""
+    lengths = list(tokens.lengths)
+    outs = []
+    biases = torch.split(key_bias.to(q.dtype), lengths)
+    for qs, ks, vs, bs in zip(*(torch.split(t, lengths) for t in (q, k, v)), biases):
+        o = F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1),
+                                           attn_mask=bs.view(1, 1, -1))
+        outs.append(o.transpose(0, 1))
+    return torch.cat(outs)
 
 
 # --------------------------------------------------------------------------- grouping
@@ -168,10 +188,12 @@ _grouped_sdpa_op.register_autograd(_backward, setup_context=_setup_context)
 class PackedAttention(Attention):
     """timm's multi-head self-attention (same parameters, same key names) run on `Tokens`."""
 
-    def forward(self, h: torch.Tensor, tokens: Tokens) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, h: torch.Tensor, tokens: Tokens, log_size: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         if tokens.uniform:  # h: (B, L, D) -> timm's fused path
-            return super().forward(h)
+            if log_size is None:
+                return super().forward(h)
+            return super().forward(h, attn_mask=log_size.to(h.dtype).view(h.shape[0], 1, 1, h.shape[1]))
         T = h.shape[0]
         q, k, v = self.qkv(h).view(T, 3, self.num_heads, self.head_dim).unbind(1)
-        o = varlen_attention(self.q_norm(q), self.k_norm(k), v, tokens)
+        o = varlen_attention(self.q_norm(q), self.k_norm(k), v, tokens, log_size)
         return self.proj_drop(self.proj(self.norm(o.reshape(T, self.attn_dim))))

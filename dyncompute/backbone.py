@@ -26,10 +26,10 @@ class DiTBlock(nn.Module):
         """h: ``tokens.batched()`` layout; c: (B, D) conditioning; reducers run at ``hooks``."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c, tokens)
         a = tokens.modulate(self.norm1(h), shift_msa, scale_msa)
-        a = hooks.token_op("attention", index, self.attn, a, tokens) if hooks else self.attn(a, tokens)
+        a = hooks.token_op("attention", index, self.attn, a, tokens, h, self) if hooks else self.attn(a, tokens)
         h = tokens.gated_add(h, gate_msa, a)
         m = tokens.modulate(self.norm2(h), shift_mlp, scale_mlp)
-        m = hooks.token_op("mlp", index, self.run_mlp, m, tokens) if hooks else self.mlp(m)
+        m = hooks.token_op("mlp", index, self.run_mlp, m, tokens, h, self) if hooks else self.mlp(m)
         return tokens.gated_add(h, gate_mlp, m)
 
     def modulation(self, c: torch.Tensor, tokens: Tokens) -> tuple[torch.Tensor, ...]:

@@ -126,6 +126,21 @@ def _match(sub) -> None:
     p.add_argument("--json", action="store_true")
 
 
+def _calibrate(sub) -> None:
+    p = sub.add_parser("calibrate", help="fit a reducer's settings to a trained run (TeaCache's polynomial), as gin")
+    p.add_argument("reducer", help="a registered reducer (teacache)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="gin file to write (default RUN_DIR/<reducer>.gin)")
+    p.add_argument("--sampler", default="ddim")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps of the calibration trajectories")
+    p.add_argument("--num-samples", type=int, default=16)
+    p.add_argument("--cfg-scale", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", default="ema", choices=["ema", "model"])
+    p.add_argument("--clip-denoised", action="store_true", help="clip x0 to [-1, 1] (pixel data), as sampling does")
+    p.add_argument("--bind", "-b", action="append", default=[], help="extra gin binding for the model, repeatable")
+
+
 def _views(sub) -> None:
     p = sub.add_parser("views", help="boundary maps and tokens kept vs timestep over a sampling trajectory")
     p.add_argument("run_dir")
@@ -152,7 +167,8 @@ def _eval(sub) -> None:
     p.add_argument("--bind", "-b", action="append", default=[], help="extra gin binding, repeatable")
 
 
-COMMANDS = [_train, _sample, _plugins, _quickstart, _sweep, _report, _bench, _flops, _match, _views, _eval]
+COMMANDS = [_train, _sample, _plugins, _quickstart, _sweep, _report, _bench, _flops, _match, _views, _eval,
+            _calibrate]
 
 
 def build_parser() -> argparse.ArgumentParser:

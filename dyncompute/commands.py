@@ -33,7 +33,7 @@ def sample(args) -> None:
     bindings = [f"generate.{k} = {v!r}" for k, v in settings.items() if v is not None] + args.bind
     with scoped([], bindings):
         check_sampler()  # before any weights are read
-    model = load_run(args.run_dir, weights=args.weights)
+    model = load_run(args.run_dir, weights=args.weights, bindings=args.bind)  # e.g. reducers
     with scoped([], bindings):
         result = generate(model, progress=True)
     files = save_samples(result.images, out)
@@ -185,3 +185,13 @@ def eval(args) -> None:  # noqa: A001  (the command is called eval)
         elif isinstance(value, float):
             value = f"{value:.4g}"
         print(f"{key:>38}  {value}")
+
+
+def calibrate(args) -> None:
+    from .registry import REDUCERS
+
+    result = REDUCERS.get(args.reducer).calibrate(
+        args.run_dir, out=args.out, sampler=args.sampler, num_steps=args.steps, num_samples=args.num_samples,
+        cfg_scale=args.cfg_scale, seed=args.seed, weights=args.weights, bindings=args.bind,
+        clip_denoised=True if args.clip_denoised else None)
+    print(json.dumps(result))

@@ -272,6 +272,70 @@ def backbone_macs(model: nn.Module, length: int) -> int:
         return int(fa.total())
 
 
+class _SkipOps:
+    """Stands in for the reducer hooks of one block: the attention and MLP ops are not run (their
+    output is zero), so a trace counts only the rest of the block (adaLN, norms)."""
+
+    @staticmethod
+    def token_op(point, block, op, h, *args):
+        return torch.zeros_like(h)
+
+
+class _Fn(nn.Module):
+    """A function as a module for fvcore; ``owner`` (the model whose weights ``fn`` uses) is registered
+    so that the tracer sees its parameters as parameters, not constants."""
+
+    def __init__(self, fn, owner: nn.Module | None = None):
+        super().__init__()
+        self.fn, self.owner = fn, owner
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+BLOCK_PARTS = ("base", "attention", "mlp")
+
+
+def block_part_macs(model: nn.Module, part: str, length: int) -> int:
+    """Exact MACs of one DiT block's ``part`` on one sample of ``length`` tokens.
+
+    "attention" and "mlp" are the ops a token hook wraps (run on however many tokens a reducer hands
+    them); "base" is the rest of the block (adaLN modulation, norms), which always sees every token.
+    Every block has the same shapes, so block 0 stands for all.
+    """
+    if part not in BLOCK_PARTS:
+        raise ValueError(f"unknown block part {part!r}; known: {', '.join(BLOCK_PARTS)}")
+    if length == 0 and part != "base":
+        return 0
+    block, width = model.backbone.blocks[0], model.config.hidden_size
+    dev = _device(model)
+    tokens = Tokens.from_lengths(torch.zeros(length, width, device=dev), [length],
+                                 torch.zeros(length, 2, dtype=torch.long, device=dev))
+    x = torch.zeros(1, length, width, device=dev)
+    fns = {"attention": lambda h: block.attn(h, tokens), "mlp": lambda h: block.mlp(h),
+           "base": lambda h, c: block(h, c, tokens, _SkipOps())}
+    inputs = (x, torch.zeros(1, width, device=dev)) if part == "base" else (x,)
+    return count_macs(fns[part], *inputs, owner=model)
+
+
+def count_macs(fn, *inputs, owner: nn.Module | None = None) -> int:
+    """Exact MACs of ``fn(*inputs)`` by the conventions of this module (reducers count their own
+    arithmetic with it); an operator without a handle is an error here, never a silent zero."""
+    module = _Fn(fn, owner)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        was = attention.flash_attn_varlen_func
+        attention.flash_attn_varlen_func = None
+        try:
+            fa = _analysis(module, inputs, module)
+            total, unsupported = int(fa.total()), fa.unsupported_ops()
+        finally:
+            attention.flash_attn_varlen_func = was
+    if unsupported:
+        raise ValueError(f"operators without a MAC handle in a counted function: {dict(unsupported)}")
+    return total
+
+
 def _device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")

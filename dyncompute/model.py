@@ -124,11 +124,17 @@ class DiffusionTransformer(nn.Module):
         hooks = Hooks(self.reducers, step_cache, t, c) if len(self.reducers) else None
         ran = []
 
-        def backbone_to_grid() -> torch.Tensor:
+        def backbone(tokens_):
             ran.append(True)
-            return self.tokenizer.to_grid(self.backbone(tokens, c, hooks), state, c)
+            return self.backbone(tokens_, c, hooks)
 
-        h = hooks.step(backbone_to_grid, tokens, state, self) if hooks else backbone_to_grid()
+        def to_grid(tokens_):
+            return self.tokenizer.to_grid(tokens_, state, c)
+
+        def backbone_to_grid() -> torch.Tensor:
+            return to_grid(backbone(tokens))
+
+        h = hooks.step(backbone_to_grid, tokens, state, self, backbone, to_grid) if hooks else backbone_to_grid()
         out = self.tokenizer.head(h, state, c)
         if not return_info:
             return out

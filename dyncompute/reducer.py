@@ -3,16 +3,24 @@
 Hook points
 - ``attention`` and ``mlp`` (token level, inside every `DiTBlock`): the reducer receives the op and its
   modulated input and returns the op's output for every input token. Token merging wraps the op in
-  merge -> op -> unmerge; a feature cache returns a stored output instead of calling it.
+  merge -> op -> unmerge; a feature cache returns a stored output instead of calling it. The context
+  also carries the block's input (the residual stream, e.g. ToMe's similarity metric) and the block.
 - ``step`` (step level, around "backbone + back to the grid" in `DiffusionTransformer.forward`): the
   reducer receives a function that runs the backbone and `Tokenizer.to_grid`, and returns grid
   features. Grid features have one row per position of the tokenizer's fixed grid, whatever tokens the
-  backbone saw, so a step cache stays valid when the number of tokens changes from step to step.
+  backbone saw, so a step cache stays valid when the number of tokens changes from step to step. The
+  context also offers the two halves apart (``ctx.backbone(tokens)``, ``ctx.to_grid(tokens)``), for a
+  cache that reuses the backbone's residual on the tokens (TeaCache).
 
 Per-trajectory state lives in a `StepCache` that the sampling call allocates (`new_step_cache`) and
-passes through the model kwargs on every evaluation; two sampling calls never share state. Reducers
-report what ran in `ForwardInfo` (`BlockRun`, ``backbone_ran``), and the accounting reads those
-reports.
+passes through the model kwargs on every evaluation; two sampling calls never share state. State of
+one forward (e.g. a merge plan shared by a block's attention and MLP) lives in the per-forward
+``scratch`` dict each hook's context carries; nothing is kept on the reducer module between calls.
+
+Reducers report what ran in `ForwardInfo` (`BlockRun`, ``backbone_ran``) and, through ``report``,
+their own arithmetic as ``work``: per batch row, a list of ``(kind, size)`` items whose exact MACs
+``Reducer.work_macs`` counts (with fvcore, like everything else). The accounting
+(:mod:`dyncompute.trajectory`) composes a forward's cost from these reports.
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
+from .errors import UserError
 from .tokens import Tokens
 
 TOKEN_HOOKS = ("attention", "mlp")
@@ -58,6 +67,14 @@ class ForwardInfo:
     reducers: dict[str, dict] = field(default_factory=dict)
     budget: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def backbone_computed(self) -> bool:
+        """True when the backbone computed attention or MLP on some token (a *backbone evaluation*);
+        False when a step cache skipped it or every block reused cached outputs."""
+        if not self.backbone_ran:
+            return False
+        return not self.blocks or any(run.attention or run.mlp for run in self.blocks)
+
 
 @dataclass
 class StepCache:
@@ -77,7 +94,11 @@ class StepCache:
 
 @dataclass
 class BlockContext:
-    """What a token-level hook sees: the block, the tokens' layout, conditioning and trajectory state."""
+    """What a token-level hook sees: the block, the tokens' layout, conditioning and trajectory state.
+
+    ``x``: the block's input at this hook (the residual stream, ``tokens.batched()`` layout);
+    ``module``: the `DiTBlock`; ``scratch``: this reducer's state for the current forward only.
+    """
 
     block: int
     tokens: Tokens
@@ -85,11 +106,18 @@ class BlockContext:
     t: torch.Tensor
     cache: Any  # this reducer's StepCache entry (None outside a sampling call)
     step: StepCache | None
+    x: torch.Tensor | None = None
+    module: nn.Module | None = None
+    scratch: dict = field(default_factory=dict)
 
 
 @dataclass
 class StepContext:
-    """What a step-level hook sees: the encoded tokens, the tokenizer state and the trajectory state."""
+    """What a step-level hook sees: the encoded tokens, the tokenizer state and the trajectory state.
+
+    ``backbone(tokens) -> Tokens`` and ``to_grid(tokens) -> grid features`` are the two halves of the
+    ``run`` the hook receives; calling ``run()`` is ``to_grid(backbone(tokens))``.
+    """
 
     tokens: Tokens
     state: Any
@@ -98,6 +126,9 @@ class StepContext:
     cache: Any
     step: StepCache | None
     model: nn.Module
+    backbone: Callable[[Tokens], Tokens] | None = None
+    to_grid: Callable[[Tokens], torch.Tensor] | None = None
+    scratch: dict = field(default_factory=dict)
 
 
 class Reducer(nn.Module):
@@ -135,9 +166,23 @@ class Reducer(nn.Module):
     def step(self, run: Callable[[], torch.Tensor], ctx: StepContext) -> torch.Tensor:
         return run()
 
-    def report(self, cache: Any) -> dict:
-        """What this reducer did in the last forward (lands in ``ForwardInfo.reducers``)."""
+    def report(self, cache: Any, scratch: dict) -> dict:
+        """What this reducer did in the last forward (lands in ``ForwardInfo.reducers``).
+
+        ``work`` (optional): per batch row, the ``(kind, size)`` items of this reducer's own arithmetic
+        (counted by `work_macs`); ``executed_work``: the same where padding made a row cost more than
+        its useful work (default: ``work``).
+        """
         return {}
+
+    def work_macs(self, model: nn.Module, kind: str, size: tuple) -> int:
+        """Exact MACs of one ``(kind, size)`` work item this reducer reported (see `report`)."""
+        raise NotImplementedError(f"{type(self).__name__} reports work {kind!r} but does not count it")
+
+    @classmethod
+    def calibrate(cls, run_dir: str, out: str | None = None, **settings) -> dict:
+        """Fit this reducer's settings to a trained run (``dyncompute calibrate NAME RUN_DIR``)."""
+        raise UserError(f"reducer {cls.__name__} has nothing to calibrate")
 
 
 class Hooks:
@@ -146,12 +191,15 @@ class Hooks:
     def __init__(self, reducers, step: StepCache | None, t: torch.Tensor, c: torch.Tensor):
         self.reducers, self.step_cache, self.t, self.c = list(reducers), step, t, c
         self.runs: list[BlockRun] = []
+        self.scratch: dict[int, dict] = {i: {} for i in range(len(self.reducers))}  # per forward
 
     def _cache(self, i: int) -> Any:
         return None if self.step_cache is None else self.step_cache.states.get(i)
 
-    def token_op(self, point: str, block: int, op: Op, h: torch.Tensor, tokens: Tokens) -> torch.Tensor:
-        """Run ``op`` at a token hook point through every reducer that declares it."""
+    def token_op(self, point: str, block: int, op: Op, h: torch.Tensor, tokens: Tokens,
+                 x: torch.Tensor | None = None, module: nn.Module | None = None) -> torch.Tensor:
+        """Run ``op`` at a token hook point through every reducer that declares it; ``x`` is the block's
+        input at this point and ``module`` the block (both shown to the reducers)."""
         while len(self.runs) <= block:
             self.runs.append(BlockRun())
         run = self.runs[block]
@@ -163,29 +211,35 @@ class Hooks:
         call = innermost
         for i, reducer in reversed(list(enumerate(self.reducers))):
             if point in reducer.hook_points:
-                call = self._wrap(reducer, point, call, i, block)
+                call = self._wrap(reducer, point, call, i, block, x, module)
         return call(h, tokens)
 
-    def _wrap(self, reducer: Reducer, point: str, inner: Op, i: int, block: int) -> Op:
+    def _wrap(self, reducer: Reducer, point: str, inner: Op, i: int, block: int, x, module) -> Op:
         hook = {"attention": reducer.attention, "mlp": reducer.mlp}[point]
 
         def call(h, tokens, **kw):
             op = functools.partial(inner, **kw) if kw else inner
-            return hook(op, h, BlockContext(block, tokens, self.c, self.t, self._cache(i), self.step_cache))
+            ctx = BlockContext(block, tokens, self.c, self.t, self._cache(i), self.step_cache, x, module,
+                               self.scratch[i])
+            return hook(op, h, ctx)
 
         return call
 
-    def step(self, run: Callable[[], torch.Tensor], tokens: Tokens, state: Any, model: nn.Module) -> torch.Tensor:
+    def step(self, run: Callable[[], torch.Tensor], tokens: Tokens, state: Any, model: nn.Module,
+             backbone: Callable[[Tokens], Tokens] | None = None,
+             to_grid: Callable[[Tokens], torch.Tensor] | None = None) -> torch.Tensor:
         """Run "backbone + back to the grid" through every reducer that declares the step hook."""
         call = run
         for i, reducer in reversed(list(enumerate(self.reducers))):
             if "step" in reducer.hook_points:
-                ctx = StepContext(tokens, state, self.c, self.t, self._cache(i), self.step_cache, model)
+                ctx = StepContext(tokens, state, self.c, self.t, self._cache(i), self.step_cache, model,
+                                  backbone, to_grid, self.scratch[i])
                 call = functools.partial(reducer.step, call, ctx)
         return call()
 
     def reports(self) -> dict[str, dict]:
-        return {r.name or type(r).__name__: r.report(self._cache(i)) for i, r in enumerate(self.reducers)}
+        return {r.name or type(r).__name__: r.report(self._cache(i), self.scratch[i])
+                for i, r in enumerate(self.reducers)}
 
 
 def new_step_cache(reducers, num_evaluations: int | None = None) -> StepCache:

@@ -63,6 +63,11 @@ class Tokenizer(nn.Module, abc.ABC):
     def initialize_weights(self) -> None:
         """Tokenizer-specific init, run after the model's generic (DiT) init."""
 
+    def token_grid(self) -> tuple[int, int] | None:
+        """(rows, cols) of the grid that ``Tokens.pos`` indexes; None when undeclared (reducers that
+        work on cells of that grid, e.g. ToMeSD's random destinations, then refuse the tokenizer)."""
+        return None
+
     def token_map(self, state: Any) -> torch.Tensor | None:
         """(B, H', W') bool: which grid positions became backbone tokens; None when every one did."""
         return None

@@ -178,7 +178,8 @@ def check_sampling(model, num_samples, num_steps, cfg_scale, guided_channels, se
             raise ConfigError(f"generate.labels: must be {num_samples} integer class labels")
         if len(ys) and (ys.min() < 0 or ys.max() >= model.num_classes):
             raise ConfigError(f"generate.labels: must lie in [0, {model.num_classes})")
-    try:
-        model.tokenizer.check_budget(budget)
+    try:  # Lite-CFG's uncond_budget is a budget of its own (for the unconditional half)
+        model.tokenizer.check_budget({k: v for k, v in budget.items() if k != "uncond_budget"})
+        model.tokenizer.check_budget(dict(budget.get("uncond_budget") or {}))
     except (TypeError, ValueError) as e:
         raise ConfigError(one_line(e)) from e

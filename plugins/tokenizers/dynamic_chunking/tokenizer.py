@@ -131,6 +131,10 @@ class DynamicChunking(Tokenizer):
         loss = ratio_loss(state.p, state.mask_natural, self.target_ratio, self.ratio_group_size)
         return {"ratio": self.ratio_loss_weight * loss}
 
+    def token_grid(self) -> tuple[int, int]:
+        """Kept tokens sit on the pixel grid (P = 1)."""
+        return self.input_size, self.input_size
+
     def token_map(self, state: ChunkState) -> torch.Tensor:
         """(B, H, W) bool: which grid positions the backbone saw."""
         return state.mask.view(-1, *state.grid)

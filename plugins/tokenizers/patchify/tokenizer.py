@@ -38,6 +38,9 @@ class Patchify(Tokenizer):
         nn.init.zeros_(self.x_embedder.proj.bias)
         self.final_layer.zero_init()
 
+    def token_grid(self) -> tuple[int, int]:
+        return self.grid_size, self.grid_size
+
     def encode(self, x: torch.Tensor, c: torch.Tensor, **budget):
         self.check_budget(budget)
         return Tokens.from_batched(self.x_embedder(x) + self.pos_embed, self.pos), None

@@ -1,0 +1,1 @@
+"""Reducer benchmarks, registered as `dyncompute bench` cases (filled in below)."""
