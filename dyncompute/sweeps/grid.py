@@ -289,6 +289,7 @@ def write_manifest(root: Path, sweep: Sweep) -> Path:
     manifest = {
         "name": sweep.name, "source": _shown(sweep.source), "base": [_shown(b) for b in sweep.base],
         "axes": {a: {label: list(b) for label, b in v.items()} for a, v in sweep.axes.items()},
+        "bindings": list(sweep.bindings), "seeds": sorted({c.labels.get("seed") for c in sweep.cells} - {None}),
         "cells": [{"cell_id": c.cell_id, "train_id": c.train_id, "labels": c.labels, "label": c.label}
                   for c in sweep.cells],
     }

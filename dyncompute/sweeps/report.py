@@ -165,6 +165,8 @@ def write_report(root: str | Path, to: str | Path | None = None, figures: bool =
     manifest = json.loads((root / "sweep.json").read_text()) if (root / "sweep.json").is_file() else {}
     axes_names = [a for a in manifest.get("axes", {}) if a in df]
     sections = [("Status", [_status(manifest, results, failures)])]
+    if manifest.get("axes"):
+        sections.append(("Grid", [_grid_table(manifest)]))
     if results:
         sections += _result_sections(root, out, df, goals, results, axes_names)
     if failures:
@@ -179,8 +181,18 @@ def _status(manifest: dict, results: list, failures: list) -> str:
     total = len(manifest.get("cells", [])) or len(results) + len(failures)
     pending = total - len(results) - len(failures)
     return (f"{len(results)} of {total} cells finished, {len(failures)} failed, {pending} not run yet. "
-            f"Sweep file: `{manifest.get('source', '?')}`. Every table and figure below is rebuilt from the "
+            f"Sweep file: `{manifest.get('source', '?')}`; base configs: "
+            f"{', '.join(f'`{b}`' for b in manifest.get('base', [])) or 'none'}. Every table and figure below is rebuilt from the "
             "cells' result files by `dyncompute report DIR`; results.csv has every column of every cell.")
+
+
+def _grid_table(manifest: dict) -> pd.DataFrame:
+    """Every axis value and the gin bindings it adds, then what every cell adds (sweep.bindings)."""
+    rows = [{"axis": axis, "value": label, "bindings": "; ".join(bindings) or "(base config)"}
+            for axis, values in manifest["axes"].items() for label, bindings in values.items()]
+    if manifest.get("bindings"):
+        rows.append({"axis": "(every cell)", "value": "", "bindings": "; ".join(manifest["bindings"])})
+    return pd.DataFrame(rows)
 
 
 def _result_sections(root: Path, out: Path, df: pd.DataFrame, goals: dict, results: list, axes_names: list):

@@ -90,6 +90,7 @@ class Sweep:
     axes: dict
     cells: list[Cell]
     slurm: dict = field(default_factory=dict)
+    bindings: list[str] = field(default_factory=list)  # sweep.bindings (+ command-line extras)
 
     @property
     def train_ids(self) -> list[str]:
@@ -117,7 +118,7 @@ def load_sweep(path: str | Path, extra_bindings=()) -> Sweep:
     axes = _check_axes(raw["axes"], raw["points"], where)
     common = raw["bindings"] + list(extra_bindings)
     cells = expand(base, common, axes, raw["points"], raw["seeds"], raw["reference"], where)
-    return Sweep(raw["name"] or path.stem, path, base, axes, cells, raw["slurm"])
+    return Sweep(raw["name"] or path.stem, path, base, axes, cells, raw["slurm"], common)
 
 
 def _statements(path: Path):
