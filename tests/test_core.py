@@ -100,7 +100,7 @@ class ReuseEveryOther(Reducer):
             cache["grid"], cache["runs"] = run(), cache["runs"] + 1
         return cache["grid"]
 
-    def report(self, cache):
+    def report(self, cache, scratch):
         return {"runs": cache["runs"]} if cache else {}
 
 
