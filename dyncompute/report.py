@@ -85,7 +85,8 @@ def write_pages(out_dir: str | Path, title: str, sections: list[tuple[str, list]
                 html.append(block.to_html(index=False, na_rep="", float_format=lambda v: format(v, floatfmt),
                                           border=0, classes="table"))
             elif isinstance(block, Figure):
-                md += [f"![{Path(block.path).stem}]({block.path})", ""] + ([f"*{block.caption}*", ""] if block.caption else [])
+                md += [f"![{Path(block.path).stem}]({block.path})", ""]
+                md += [f"*{block.caption}*", ""] if block.caption else []
                 html.append(f"<figure><img src='{escape(block.path)}' alt='{escape(Path(block.path).stem)}'>"
                             f"<figcaption>{_inline(block.caption)}</figcaption></figure>")
             else:

@@ -182,8 +182,9 @@ def _status(manifest: dict, results: list, failures: list) -> str:
     pending = total - len(results) - len(failures)
     return (f"{len(results)} of {total} cells finished, {len(failures)} failed, {pending} not run yet. "
             f"Sweep file: `{manifest.get('source', '?')}`; base configs: "
-            f"{', '.join(f'`{b}`' for b in manifest.get('base', [])) or 'none'}. Every table and figure below is rebuilt from the "
-            "cells' result files by `dyncompute report DIR`; results.csv has every column of every cell.")
+            f"{', '.join(f'`{b}`' for b in manifest.get('base', [])) or 'none'}. Every table and figure below is "
+            "rebuilt from the cells' result files by `dyncompute report DIR`; results.csv has every column of "
+            "every cell.")
 
 
 def _grid_table(manifest: dict) -> pd.DataFrame:
