@@ -9,11 +9,10 @@ import pandas as pd
 import pytest
 import torch
 from conftest import REFERENCE
+from test_engine import _train
 
 from dyncompute.cli import main
-from dyncompute.config import scoped
 from dyncompute.data.procedural import ProceduralShapes
-from dyncompute.engine import train
 from dyncompute.evaluation.features import FeatureExtractor, ImageError, check_images
 from dyncompute.evaluation.heldout import HELDOUT_SEED, nest
 from dyncompute.evaluation.metrics import quality
@@ -235,14 +234,9 @@ train_evaluator.num_images = 8
 
 @pytest.fixture
 def gin_file(tmp_path):
-    path = tmp_path / "tiny.gin"
-    path.write_text(TINY)
-    return path
-
-
-def _train(gin_file, run_dir, *bindings):
-    with scoped([gin_file], list(bindings)):
-        return train(run_dir)
+    """A tiny DC-DiT on 32x32 images (the classifier's size); the training helper is test_engine's."""
+    (tmp_path / "tiny_dcdit.gin").write_text(TINY)
+    return tmp_path / "tiny_dcdit.gin"
 
 
 def test_training_evaluator_writes_metrics_and_leaves_training_alone(gin_file, tmp_path):
