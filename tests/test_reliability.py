@@ -409,6 +409,8 @@ def test_run_directory_hygiene_across_restarts(world, tmp_path, caplog):
     assert [(h["event"], h["step"]) for h in history] == [("start", 0), ("finished", 2), ("resume", 1), ("finished", 4)]
     assert history[2]["changes"] == {"train.log_every": ["1", "2"], "train.steps": ["2", "4"]}
     assert "train.steps = 4" in (run / "config.gin").read_text()
+    _train(gin_file, run, "train.steps = 5", "train.log_every = 2", "train.keep_checkpoints = 1")
+    assert [p.name for p in checkpoints(run)] == ["checkpoint_5.pt"]  # the limit applies to what is on disk
 
 
 def test_run_directory_lock(world, tmp_path, capsys):
