@@ -10,6 +10,10 @@ import pandas as pd
 
 
 def train(args) -> None:
+    if args.nproc_per_node:  # the workers' fork server imports the framework while this process does
+        from .processes import start_method
+
+        start_method(["dyncompute.engine"])
     from .engine import launch
 
     run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)

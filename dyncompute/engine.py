@@ -248,11 +248,12 @@ def read_metrics(path: Path, upto: int | None = None) -> list[dict]:
 
 
 class RunSaver(BaseSaveHandler):
-    """Checkpoint files for ignite's `Checkpoint`: written atomically by rank 0, only with finite weights,
-    and an old file is deleted only after its successor is on disk."""
+    """Checkpoint files for ignite's `Checkpoint`: written atomically by rank 0, only with finite weights;
+    then all but the newest ``keep`` checkpoints on disk are deleted (so the limit holds across restarts,
+    and a file goes only once a newer one is complete). Other files are left alone."""
 
-    def __init__(self, dirname: Path):
-        self.dirname, self._doomed = Path(dirname), []
+    def __init__(self, dirname: Path, keep: int):
+        self.dirname, self.keep = Path(dirname), keep
 
     def __call__(self, checkpoint, filename: str, metadata=None) -> None:
         for key in ("model", "ema"):
@@ -260,13 +261,11 @@ class RunSaver(BaseSaveHandler):
                 raise Diverged(f"refusing to save {filename}: {len(bad)} non-finite {key} tensors (e.g. {bad[0]})")
         if idist.get_rank() == 0:
             atomic_save(checkpoint, self.dirname / filename)
-            for name in self._doomed:
-                if name != filename:
-                    (self.dirname / name).unlink(missing_ok=True)
-        self._doomed = []
+            for old in checkpoints(self.dirname.parent)[:-self.keep]:
+                old.unlink(missing_ok=True)
 
     def remove(self, filename: str) -> None:
-        self._doomed.append(filename)
+        """Unused: retention is by what is on disk (see `__call__`)."""
 
 
 @gin.configurable(denylist=["run_dir", "allow_config_change", "prepared"])
@@ -378,8 +377,8 @@ def _train(run_dir: Path, s: dict, data=None) -> dict:
         attach_evaluator(trainer, ema.ema_model, obj, s["dataset"], s["eval_every"])
     metrics = _attach_logging(trainer, run_dir, s["log_every"], s["progress"] and rank == 0)
     to_save = {"model": model, "ema": ema.ema_model, "optimizer": optimizer, "trainer": trainer}
-    saver = _attach_checkpoints(trainer, to_save, run_dir, s["checkpoint_every"], s["keep_checkpoints"], metrics)
-    _restore(run_dir, to_save, saver, metrics)
+    _attach_checkpoints(trainer, to_save, run_dir, s["checkpoint_every"], s["keep_checkpoints"], metrics)
+    _restore(run_dir, to_save, metrics)
     steps = s["steps"]
     if trainer.state.iteration < steps:
         trainer.state.max_iters = steps  # a resumed run may be extended to more steps
@@ -395,9 +394,8 @@ def _train(run_dir: Path, s: dict, data=None) -> dict:
             "metrics": metrics.frame() if rank == 0 else pd.DataFrame()}
 
 
-def _restore(run_dir: Path, to_save: dict, saver: Checkpoint, metrics: MetricsLog) -> None:
-    """Load the newest good checkpoint (if any) and cut the metrics back to it; the checkpoints on disk
-    count towards ``keep_checkpoints``."""
+def _restore(run_dir: Path, to_save: dict, metrics: MetricsLog) -> None:
+    """Load the newest good checkpoint (if any) and cut the metrics back to it."""
     _, state = load_good_checkpoint(run_dir, CHECKPOINT_KEYS)
     if state is not None:
         try:
@@ -405,16 +403,15 @@ def _restore(run_dir: Path, to_save: dict, saver: Checkpoint, metrics: MetricsLo
         except (RuntimeError, KeyError, ValueError) as e:  # a config changed with --allow-config-change
             raise ConfigError(f"the newest checkpoint of {run_dir} does not fit this config: "
                               f"{str(e).splitlines()[0]}") from e
-    saver.load_state_dict({"_saved": [(checkpoint_step(p), p.name) for p in checkpoints(run_dir)]})
     if idist.get_rank() == 0:
         metrics.resume(to_save["trainer"].state.iteration)
 
 
 def _attach_checkpoints(trainer: Engine, to_save: dict, run_dir: Path, every: int, keep: int,
-                        metrics: MetricsLog) -> Checkpoint:
+                        metrics: MetricsLog) -> None:
     """Checkpoints every ``every`` steps and at the end, the newest ``keep`` kept (across restarts too);
     the metrics are flushed first, so ``metrics.csv`` always reaches the newest checkpoint."""
-    saver = Checkpoint(to_save, RunSaver(run_dir / CHECKPOINT_DIR), n_saved=keep,
+    saver = Checkpoint(to_save, RunSaver(run_dir / CHECKPOINT_DIR, keep), n_saved=None,
                        global_step_transform=lambda e, _: e.state.iteration)
     saved = {"step": None}
 
@@ -427,7 +424,6 @@ def _attach_checkpoints(trainer: Engine, to_save: dict, run_dir: Path, every: in
         saved["step"] = engine.state.iteration
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED(every=every) | Events.COMPLETED, checkpoint)
-    return saver
 
 
 def build_loader(data, batch_size: int, seed: int, position, num_workers: int, device: torch.device):

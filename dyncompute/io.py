@@ -77,4 +77,4 @@ def _load_problem(error: Exception) -> str:
         return "the file is empty or truncated"
     if "central directory" in text or "zip archive" in text:
         return "the file is truncated or corrupted (not a complete torch zip archive)"
-    return f"not a torch checkpoint ({type(error).__name__})"
+    return "not a torch checkpoint, or a corrupted one"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import multiprocessing
 import os
 import signal
 import socket
@@ -19,13 +20,11 @@ import time
 from importlib.metadata import entry_points
 from multiprocessing import forkserver
 
-import ignite.distributed as idist
-import torch
-import torch.multiprocessing as mp
-
 from . import errors as error_kinds
 from .errors import DyncomputeError, UserError, one_line, quiet_libraries
 from .registry import ENTRY_POINT_GROUP
+
+# torch and ignite are imported where they are used: `start_method` runs before a launcher imports them
 
 _PR_SET_PDEATHSIG = 1
 
@@ -40,9 +39,10 @@ def free_port() -> int:
 def start_method(preload=()) -> str:
     """``forkserver`` (preloading ``preload`` modules and the plugins) where the platform has one, else
     ``spawn``. The fork server starts now: its imports overlap with whatever the launcher does next."""
-    if "forkserver" not in mp.get_all_start_methods():
+    if "forkserver" not in multiprocessing.get_all_start_methods():
         return "spawn"
-    mp.set_forkserver_preload([*preload, *(ep.module for ep in entry_points(group=ENTRY_POINT_GROUP))])
+    plugins = [ep.module for ep in entry_points(group=ENTRY_POINT_GROUP)]
+    multiprocessing.set_forkserver_preload([*preload, *plugins])
     forkserver.ensure_running()
     return "forkserver"
 
@@ -50,6 +50,9 @@ def start_method(preload=()) -> str:
 def run(fn, args: tuple, backend: str, nproc_per_node: int) -> None:
     """``fn(local_rank, *args, launcher_pid, errors)`` on ``nproc_per_node`` processes; wrap its body in
     `worker`. A worker's expected error is raised here again, as the same kind with the same line."""
+    import ignite.distributed as idist
+    import torch.multiprocessing as mp
+
     method = start_method([fn.__module__])
     errors = mp.get_context(method).SimpleQueue()
     port = None if "MASTER_PORT" in os.environ else free_port()
@@ -68,6 +71,9 @@ def run(fn, args: tuple, backend: str, nproc_per_node: int) -> None:
 def worker(launcher_pid: int | None, errors=None):
     """The body of a spawned worker: it exits when its launcher dies, and an expected error goes to the
     launcher as one line (this process then exits with the error's status, without a traceback)."""
+    import ignite.distributed as idist
+    import torch
+
     if launcher_pid is not None:
         exit_with(launcher_pid)
     quiet_libraries()  # as in the CLI: an error reaches the launcher and is printed there, once

@@ -46,7 +46,8 @@ def generate(model: DiffusionTransformer, num_samples: int = 16, sampler: str = 
     ``clip_denoised`` (Gaussian samplers) clips predicted x0 to [-1, 1]: right for pixel data, wrong for
     latents; None keeps the sampler's default (DiT's: off, for latents).
     """
-    check_sampling(model, num_samples, num_steps, cfg_scale, guided_channels, seed, batch_size, labels, budget)
+    check_sampling(model, num_samples, num_steps, cfg_scale, guided_channels, seed, batch_size, labels,
+                   clip_denoised, budget)
     check_device("generate.device", device)
     s = build_sampler(sampler, objective, model.learn_sigma, num_steps, clip_denoised)
     dev = resolve_device(device)

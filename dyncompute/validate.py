@@ -75,7 +75,7 @@ def check_training(s: dict, world: int = 1) -> None:
     need_number("train.lr", s["lr"], low=0, low_open=True)
     need_number("train.weight_decay", s["weight_decay"], low=0)
     need_number("train.grad_clip", s["grad_clip"], low=0, low_open=True)
-    need_number("train.ema_decay", s["ema_decay"], low=0, high=1)
+    need_number("train.ema_decay", s["ema_decay"], low=0, high=1, high_open=True)  # 1 would never update
     need_bool("train.progress", s["progress"])
     need_choice("train.objective", s["objective"], OBJECTIVES)
     if not isinstance(s["dataset"], str):
@@ -161,8 +161,10 @@ def check_data(dataset: str, model) -> Any:
 
 
 def check_sampling(model, num_samples, num_steps, cfg_scale, guided_channels, seed, batch_size, labels,
-                   budget: dict) -> None:
+                   clip_denoised, budget: dict) -> None:
     """`sampling.generate`'s settings against the model they sample."""
+    if clip_denoised is not None:
+        need_bool("generate.clip_denoised", clip_denoised)
     need_int("generate.num_samples", num_samples, 1)
     need_int("generate.num_steps", num_steps, 1)
     need_number("generate.cfg_scale", cfg_scale, low=1.0)  # 1: no guidance

@@ -293,29 +293,29 @@ def test_kill_one_process_then_resume_is_exact(world, tmp_path):
     """SIGKILL mid-run (checkpoints every step, so kills land in writes too), then resume: bit-identical
     to an uninterrupted run, temp files cleaned, metrics.csv matching, checkpoints kept at 2."""
     killed = tmp_path / "killed"
-    killer = _KillMidRun(world / "tiny.gin", ["--run-dir", str(killed), "-b", "train.steps = 40"], killed, at=3)
-    _train(world / "tiny.gin", tmp_path / "ref", "train.steps = 40")  # meanwhile
+    killer = _KillMidRun(world / "tiny.gin", ["--run-dir", str(killed), "-b", "train.steps = 24"], killed, at=3)
+    _train(world / "tiny.gin", tmp_path / "ref", "train.steps = 24")  # meanwhile
     killer.join()
-    assert killer.step < 40, "the run ended before it was killed"
-    _train(world / "tiny.gin", killed, "train.steps = 40")
+    assert killer.step < 24, "the run ended before it was killed"
+    _train(world / "tiny.gin", killed, "train.steps = 24")
     _assert_same_run(tmp_path / "ref", killed)
-    assert [p.name for p in checkpoints(killed)] == ["checkpoint_39.pt", "checkpoint_40.pt"]
+    assert [p.name for p in checkpoints(killed)] == ["checkpoint_23.pt", "checkpoint_24.pt"]
     assert not [p for p in killed.rglob("*") if p.name.endswith(".tmp")]
 
 
 def test_kill_two_process_launcher_leaves_no_worker_and_resumes_exactly(world, tmp_path):
     """Two gloo processes: SIGKILL the launcher mid-run; its workers die with it; resuming ends
     bit-identical to an uninterrupted two-process run (which trains meanwhile, to save time)."""
-    bindings = ["train.steps = 60", "train.checkpoint_every = 2"]
+    bindings = ["train.steps = 30", "train.checkpoint_every = 2"]
     killed = tmp_path / "killed"
     killer = _KillMidRun(world / "tiny.gin", ["--run-dir", str(killed), "--backend", "gloo", "--nproc-per-node", "2",
                                               *[x for b in bindings for x in ("-b", b)]], killed, at=4)
-    assert launch(str(world / "tiny.gin"), bindings, str(tmp_path / "ref"), "gloo", 2) == 60
+    assert launch(str(world / "tiny.gin"), bindings, str(tmp_path / "ref"), "gloo", 2) == 30
     killer.join()
     assert len(killer.workers) >= 3  # the fork server, the resource tracker and the two trainers
     _wait_for(lambda: not any(_alive(pid) for pid in killer.workers), timeout=20)
-    assert killer.step < 60, "the run ended before it was killed"
-    assert launch(str(world / "tiny.gin"), bindings, str(killed), "gloo", 2) == 60
+    assert killer.step < 30, "the run ended before it was killed"
+    assert launch(str(world / "tiny.gin"), bindings, str(killed), "gloo", 2) == 30
     _assert_same_run(tmp_path / "ref", killed)
 
 
@@ -325,21 +325,29 @@ class _KillMidRun(threading.Thread):
 
     def __init__(self, gin_file: Path, args: list, run_dir: Path, at: int):
         super().__init__()
-        self.run_dir, self.at, self.workers, self.step = run_dir, at, [], None
+        self.run_dir, self.at, self.workers, self.step, self.error = run_dir, at, [], None, None
         self.proc = subprocess.Popen([sys.executable, "-m", "dyncompute.cli", "train", str(gin_file), *args],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.start()
 
     def run(self):
-        def saved(k):
-            return (self.run_dir / "checkpoints" / f"checkpoint_{k}.pt").exists()
+        def saved(k):  # a checkpoint of step k or later (older ones are deleted as newer ones come)
+            return any(int(p.stem.split("_")[1]) >= k for p in checkpoints(self.run_dir))
 
-        _wait_for(lambda: saved(1) or saved(2), self.proc)
-        self.workers = _descendants(self.proc.pid)
-        _wait_for(lambda: saved(self.at), self.proc)
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-        self.step = int(latest_checkpoint(self.run_dir).stem.split("_")[1])
+        try:
+            _wait_for(lambda: saved(1), self.proc)
+            self.workers = _descendants(self.proc.pid)
+            _wait_for(lambda: saved(self.at), self.proc)
+        except AssertionError as e:
+            self.error = e
+        finally:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+        self.step = int(latest_checkpoint(self.run_dir).stem.split("_")[1]) if checkpoints(self.run_dir) else 0
+
+    def join(self):
+        super().join()
+        assert self.error is None, self.error
 
 
 def _wait_for(condition, proc=None, timeout: float = 120.0) -> None:
@@ -401,6 +409,8 @@ def test_run_directory_hygiene_across_restarts(world, tmp_path, caplog):
     assert [(h["event"], h["step"]) for h in history] == [("start", 0), ("finished", 2), ("resume", 1), ("finished", 4)]
     assert history[2]["changes"] == {"train.log_every": ["1", "2"], "train.steps": ["2", "4"]}
     assert "train.steps = 4" in (run / "config.gin").read_text()
+    _train(gin_file, run, "train.steps = 5", "train.log_every = 2", "train.keep_checkpoints = 1")
+    assert [p.name for p in checkpoints(run)] == ["checkpoint_5.pt"]  # the limit applies to what is on disk
 
 
 def test_run_directory_lock(world, tmp_path, capsys):
