@@ -13,13 +13,16 @@ PY=${PY:-python3}
 BATCH=${BATCH:-128}
 REPEATS=${REPEATS:-10}
 OUT=${OUT:-/tmp/dyncompute_gpu_check}
+DEVICE=${DEVICE:-cuda}  # DEVICE=cpu BATCH=2 REPEATS=1 checks the plumbing without a GPU
 mkdir -p "$OUT"
 
-$PY -m pip install -q -e . >"$OUT/pip.log" 2>&1 || $PY -m pip install -q --no-deps -e . >>"$OUT/pip.log" 2>&1 \
+$PY -m pip install -q -e . >"$OUT/pip.log" 2>&1 \
+  || $PY -m pip install -q --no-deps --no-build-isolation -e . >>"$OUT/pip.log" 2>&1 \
   || { echo "pip install -e . failed (see $OUT/pip.log)"; exit 1; }
 $PY - <<'PY'
 import torch
-print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, device {torch.cuda.get_device_name(0)}")
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, device "
+      f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none (CPU)'}")
 try:
     import flash_attn
     print(f"flash-attn {flash_attn.__version__}: DC-DiT attention = flash_attn_varlen_func")
@@ -31,7 +34,7 @@ PY
 bench() {  # name, time limit (s), cases and args...
   local name=$1 limit=$2; shift 2
   echo "== $name"
-  timeout "$limit" $PY -m dyncompute.cli bench "$@" --device cuda --repeats "$REPEATS" --warmup 3 \
+  timeout "$limit" $PY -m dyncompute.cli bench "$@" --device "$DEVICE" --repeats "$REPEATS" --warmup 3 \
       --out "$OUT/$name.csv" 2>"$OUT/$name.err" | grep -v "^wrote" \
     || echo "   ($name stopped: exit $?, see $OUT/$name.err)"
 }
@@ -47,7 +50,7 @@ rows = [pd.read_csv(p) for p in sorted(Path(sys.argv[1]).glob("*.csv"))]
 if not rows:
     sys.exit("no results")
 df = pd.concat(rows)
-print("\n== summary (bf16, CUDA; ms are medians per call)")
+print("\n== summary (bf16 on CUDA, fp32 on CPU; ms are medians per call)")
 for _, r in df.iterrows():
     line = f"{r['case']:20s} {r['subject']} {r['subject_ms']:.2f} ms vs {r['reference']} {r['reference_ms']:.2f} ms"
     if r["case"].startswith("dcdit_vs_dit"):

@@ -1,11 +1,12 @@
 """Self-attention over packed `Tokens`.
 
 Dispatch (DESIGN.md): equal-length tokens take one fused SDPA call on (B, H, L, d); variable-length
-tokens use flash-attn's varlen kernel when it is installed on CUDA (half precision), else grouped SDPA:
+tokens use flash-attn's varlen kernel when it is installed on CUDA (half precision); on CUDA without it,
+torch's own variable-length kernels through jagged nested tensors (one call); on the CPU, grouped SDPA:
 one call per run of consecutive equal-length samples (a zero-copy view), and, where that saves more
 calls than it costs copies, samples of equal length are first permuted next to each other. Distinct
-lengths still cost one call each: measured on CPU, padded+masked SDPA cost ~2x and nested tensors
-~10-25x the per-sample calls.
+lengths still cost one call each on the CPU: there, padded+masked SDPA cost ~2x and nested tensors
+~10-25x the per-sample calls (measured).
 
 Under ``torch.compile`` the grouped path is one custom operator (``dyncompute::grouped_sdpa``) that
 reads the per-sample lengths from a host tensor, so a compiled backbone sees neither a python loop nor
@@ -48,6 +49,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: 
         return flash_attn_varlen_func(q, k, v, cu, cu, tokens.max_len, tokens.max_len)
     if torch.compiler.is_compiling():
         return torch.ops.dyncompute.grouped_sdpa(q, k, v, tokens.host_lengths)
+    if q.is_cuda:
+        return nested_sdpa(q, k, v, tokens)
     return grouped_sdpa(q, k, v, tokens.lengths)
 
 
@@ -61,6 +64,16 @@ def biased_sdpa(q, k, v, tokens: Tokens, key_bias: torch.Tensor) -> torch.Tensor
                                            attn_mask=bs.view(1, 1, -1))
         outs.append(o.transpose(0, 1))
     return torch.cat(outs)
+
+
+def nested_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: Tokens) -> torch.Tensor:
+    """SDPA over jagged nested tensors: one call, torch's fused varlen kernels on CUDA (math on CPU)."""
+
+    def jagged(x):
+        return torch.nested.nested_tensor_from_jagged(x, offsets=tokens.cu_seqlens,
+                                                      max_seqlen=tokens.max_len).transpose(1, 2)
+
+    return F.scaled_dot_product_attention(jagged(q), jagged(k), jagged(v)).transpose(1, 2).values()
 
 
 # --------------------------------------------------------------------------- grouping

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dyncompute import TOKENIZERS, DiffusionTransformer, Tokens
-from dyncompute.attention import grouped_sdpa, sdpa_plan
+from dyncompute.attention import grouped_sdpa, nested_sdpa, sdpa_plan
 from dyncompute.backbone import DiTBlock
 
 LENGTHS = [5, 9, 2, 9, 9, 4]
@@ -83,13 +83,16 @@ def per_sample_attention(q, k, v, lengths):
     return torch.cat(outs)
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")  # torch's CPU fallback of nested SDPA
 @pytest.mark.parametrize("lengths", [[3, 7, 5], [4, 4, 4, 2, 2, 5], [3, 5] * 6, [2, 9] * 5 + [1]])
 def test_grouped_attention_equals_per_sample(lengths):
     q, k, v = (torch.randn(sum(lengths), 2, 8, requires_grad=True) for _ in range(3))
     grad = torch.randn(sum(lengths), 2, 8)
     ref = per_sample_attention(q, k, v, lengths)
     ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
-    for out in (grouped_sdpa(q, k, v, lengths), torch.ops.dyncompute.grouped_sdpa(q, k, v, torch.tensor(lengths))):
+    tokens = Tokens.from_lengths(q.detach().flatten(1), lengths, torch.zeros(sum(lengths), 2, dtype=torch.long))
+    for out in (grouped_sdpa(q, k, v, lengths), torch.ops.dyncompute.grouped_sdpa(q, k, v, tokens.host_lengths),
+                nested_sdpa(q, k, v, tokens)):  # nested: CUDA's one-call path, checked here on its CPU fallback
         assert torch.allclose(out, ref, atol=1e-6)
         for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), ref_grads):
             assert torch.allclose(a, b, atol=1e-5)
