@@ -1,6 +1,9 @@
 """The adaLN-Zero DiT backbone over packed `Tokens`."""
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 from timm.layers import Mlp
@@ -8,6 +11,27 @@ from timm.layers import Mlp
 from .attention import PackedAttention
 from .reducer import Hooks
 from .tokens import Tokens
+
+
+@dataclass
+class Branch:
+    """One residual branch of a DiT block as an op of the block input: ``op(modulate(norm(x)))``.
+
+    A token hook receives the branch and the block input, so a cache that answers for the op skips the
+    norm and modulation too (as FORA and TaylorSeer do), and token merging merges the block input (ToMe's
+    residual stream) before the norm. ``prepare`` gives the op's own input (e.g. for ToMe's keys).
+    """
+
+    norm: nn.Module
+    op: Callable[..., torch.Tensor]
+    shift: torch.Tensor
+    scale: torch.Tensor
+
+    def prepare(self, x: torch.Tensor, tokens: Tokens) -> torch.Tensor:
+        return tokens.modulate(self.norm(x), self.shift, self.scale)
+
+    def __call__(self, x: torch.Tensor, tokens: Tokens, **kw) -> torch.Tensor:
+        return self.op(self.prepare(x, tokens), tokens, **kw)
 
 
 class DiTBlock(nn.Module):
@@ -25,11 +49,11 @@ class DiTBlock(nn.Module):
                 index: int = 0) -> torch.Tensor:
         """h: ``tokens.batched()`` layout; c: (B, D) conditioning; reducers run at ``hooks``."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
-        a = tokens.modulate(self.norm1(h), shift_msa, scale_msa)
-        a = hooks.token_op("attention", index, self.attn, a, tokens, h, self) if hooks else self.attn(a, tokens)
+        attention = Branch(self.norm1, self.attn, shift_msa, scale_msa)
+        mlp = Branch(self.norm2, self.run_mlp, shift_mlp, scale_mlp)
+        a = hooks.token_op("attention", index, attention, h, tokens, self, attention.prepare) if hooks else attention(h, tokens)
         h = tokens.gated_add(h, gate_msa, a)
-        m = tokens.modulate(self.norm2(h), shift_mlp, scale_mlp)
-        m = hooks.token_op("mlp", index, self.run_mlp, m, tokens, h, self) if hooks else self.mlp(m)
+        m = hooks.token_op("mlp", index, mlp, h, tokens, self, mlp.prepare) if hooks else mlp(h, tokens)
         return tokens.gated_add(h, gate_mlp, m)
 
     def run_mlp(self, h: torch.Tensor, tokens: Tokens) -> torch.Tensor:

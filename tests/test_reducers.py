@@ -451,9 +451,9 @@ def test_block_parts_match_hand_formulas_and_sum_to_the_backbone():
     D = 32
     for L in (1, 7, 16):
         base, attn, mlp = (flops.block_part_macs(model, p, L) for p in ("base", "attention", "mlp"))
-        assert base == 6 * D * D + 2 * 4 * L * D  # adaLN projection, two affine-free layer norms
-        assert attn == 4 * L * D * D + 2 * L * L * D  # qkv, proj, QK^T, AV
-        assert mlp == 8 * L * D * D
+        assert base == 6 * D * D  # the adaLN projection of the conditioning
+        assert attn == 4 * L * D + 4 * L * D * D + 2 * L * L * D  # affine-free layer norm, qkv, proj, QK^T, AV
+        assert mlp == 4 * L * D + 8 * L * D * D
         assert 3 * (base + attn + mlp) == flops.backbone_macs(model, L)
 
 
@@ -516,20 +516,20 @@ def test_trajectory_counts_match_hand_derived_formulas():
     base = dit()
     full = count_trajectory(base, 1, "ddim", steps)[0]
     per_eval = full.useful_macs_per_image / steps
-    block_base = 6 * D * D + 8 * L * D
-    rest = per_eval - depth * (block_base + 4 * L * D * D + 2 * L * L * D + 8 * L * D * D)
+    adaln, norm = 6 * D * D, 4 * L * D
+    rest = per_eval - depth * (adaln + 2 * norm + 4 * L * D * D + 2 * L * L * D + 8 * L * D * D)
     fora = count_trajectory(same_weights(dit([reducer("fora", interval=2)]), base), 1, "ddim", steps)[0]
-    assert fora.useful_macs_per_image == 3 * per_eval + 3 * (rest + depth * block_base)
+    assert fora.useful_macs_per_image == 3 * per_eval + 3 * (rest + depth * adaln)  # reuse: no norms either
     ts = count_trajectory(same_weights(dit([reducer("taylorseer", interval=3, order=2)]), base), 1, "ddim", steps)[0]
     # full at 0, 1, 4; forecasts at 2, 3 (K = 2) and 5 (K = 3): K MACs per cached number, 2 ops per block
     forecast = 2 * depth * L * D * (2 + 2 + 3)
-    assert ts.useful_macs_per_image == 3 * per_eval + 3 * (rest + depth * block_base) + forecast
+    assert ts.useful_macs_per_image == 3 * per_eval + 3 * (rest + depth * adaln) + forecast
     assert (ts.nfe, ts.backbone_evaluations) == (6, 3)
     tome = count_trajectory(same_weights(dit([reducer("token_merging", ratio=0.5)]), base), 1, "ddim", steps)[0]
-    merged = L // 2  # 2x2 cells on the 4x4 patch grid: 4 destinations, 12 sources, 8 merged
-    attn = 4 * merged * D * D + 2 * merged * merged * D
+    n = L // 2  # 2x2 cells on the 4x4 patch grid: 4 destinations, 12 sources, 8 merged
+    attn = 4 * n * D + 4 * n * D * D + 2 * n * n * D
     matching = L * D + 12 * 4 * D  # normalised metric, similarity of sources with destinations
-    assert tome.useful_macs_per_image == steps * (rest + depth * (block_base + attn + 8 * L * D * D + matching))
+    assert tome.useful_macs_per_image == steps * (rest + depth * (adaln + attn + norm + 8 * L * D * D + matching))
 
 
 def test_flops_cli_reports_model_calls_and_backbone_evaluations(tmp_path, capsys):
