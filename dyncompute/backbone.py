@@ -51,7 +51,8 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
         attention = Branch(self.norm1, self.attn, shift_msa, scale_msa)
         mlp = Branch(self.norm2, self.run_mlp, shift_mlp, scale_mlp)
-        a = hooks.token_op("attention", index, attention, h, tokens, self, attention.prepare) if hooks else attention(h, tokens)
+        a = hooks.token_op("attention", index, attention, h, tokens, self, attention.prepare) if hooks else \
+            attention(h, tokens)
         h = tokens.gated_add(h, gate_msa, a)
         m = hooks.token_op("mlp", index, mlp, h, tokens, self, mlp.prepare) if hooks else mlp(h, tokens)
         return tokens.gated_add(h, gate_mlp, m)

@@ -30,6 +30,7 @@ from dyncompute.runs import load_run
 from dyncompute.sampling import generate
 from dyncompute.tokens import Tokens
 from dyncompute.trajectory import SampleCost, count_trajectory, row_signatures
+from test_engine import TINY  # the tiny trainable config
 
 COEFFS = dict(coefficients=[0.0, 0.0, 0.0, 1.0, 0.0], fingerprint="unchecked")  # identity rescaling
 NEUTRAL = {"token_merging": dict(ratio=0.0), "fora": dict(interval=1), "taylorseer": dict(interval=1),
@@ -314,26 +315,10 @@ def test_teacache_refuses_without_coefficients_and_with_another_models():
         sample(model)
 
 
-TINY_RUN = """
-DiffusionTransformer.input_size = 8
-DiffusionTransformer.in_channels = 3
-DiffusionTransformer.num_classes = 10
-DiffusionTransformer.hidden_size = 32
-DiffusionTransformer.depth = 2
-DiffusionTransformer.num_heads = 2
-tokenizers.patchify.patch_size = 2
-datasets.procedural.size = 8
-datasets.procedural.length = 16
-train.batch_size = 8
-train.steps = 2
-train.checkpoint_every = 2
-train.progress = False
-train.device = 'cpu'
-"""
 
 
 def test_calibrate_teacache_writes_the_models_own_coefficients(tmp_path, capsys):
-    (tmp_path / "tiny.gin").write_text(TINY_RUN)
+    (tmp_path / "tiny.gin").write_text(TINY)
     with scoped([tmp_path / "tiny.gin"]):
         train(tmp_path / "run")
     assert main(["calibrate", "teacache", str(tmp_path / "run"), "--steps", "8", "--num-samples", "2"]) == 0
@@ -383,7 +368,7 @@ def test_a_reducer_that_cannot_apply_to_the_tokenizer_is_clear():
 
 
 def test_bad_reducer_binding_exits_2_with_one_line(tmp_path, capsys):
-    (tmp_path / "m.gin").write_text(TINY_RUN)
+    (tmp_path / "m.gin").write_text(TINY)
     code = main(["flops", str(tmp_path / "m.gin"), "-b", "DiffusionTransformer.reducers = ['fora']",
                  "-b", "reducers.fora.interval = 0"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -521,8 +506,8 @@ def test_trajectory_counts_match_hand_derived_formulas():
     fora = count_trajectory(same_weights(dit([reducer("fora", interval=2)]), base), 1, "ddim", steps)[0]
     assert fora.useful_macs_per_image == 3 * per_eval + 3 * (rest + depth * adaln)  # reuse: no norms either
     ts = count_trajectory(same_weights(dit([reducer("taylorseer", interval=3, order=2)]), base), 1, "ddim", steps)[0]
-    # full at 0, 1, 4; forecasts at 2, 3 (K = 2) and 5 (K = 3): K MACs per cached number, 2 ops per block
-    forecast = 2 * depth * L * D * (2 + 2 + 3)
+    # full at 0, 1, 4; forecasts at 2, 3 (order 1) and 5 (order 2): one MAC per difference per cached number
+    forecast = 2 * depth * L * D * (1 + 1 + 2)
     assert ts.useful_macs_per_image == 3 * per_eval + 3 * (rest + depth * adaln) + forecast
     assert (ts.nfe, ts.backbone_evaluations) == (6, 3)
     tome = count_trajectory(same_weights(dit([reducer("token_merging", ratio=0.5)]), base), 1, "ddim", steps)[0]
@@ -533,7 +518,7 @@ def test_trajectory_counts_match_hand_derived_formulas():
 
 
 def test_flops_cli_reports_model_calls_and_backbone_evaluations(tmp_path, capsys):
-    (tmp_path / "m.gin").write_text(TINY_RUN)
+    (tmp_path / "m.gin").write_text(TINY)
     code = main(["flops", str(tmp_path / "m.gin"), "--json", "--trajectory", "--sampler", "ddim", "--steps", "6",
                  "--repeats", "0", "--samples", "2",
                  "-b", "DiffusionTransformer.reducers = ['token_merging', 'fora']",
