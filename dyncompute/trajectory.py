@@ -22,8 +22,7 @@ from typing import Any
 import pandas as pd
 import torch.nn as nn
 
-from .flops import (Row, Trace, backbone_macs, block_part_macs, forward_columns, split_rows, stack_rows,
-                    trace_forward)
+from .flops import Row, Trace, backbone_macs, block_part_macs, forward_columns, split_rows, stack_rows, trace_forward
 from .observe import Evaluation
 from .sampling import generate
 
@@ -199,7 +198,7 @@ class SampleCost:
         return self._fitted(("part", part), (length,), lambda size: block_part_macs(self.model, part, size[0]))
 
     def work(self, reducer: int, kind: str, size: tuple) -> int:
-        count = lambda z: self.model.reducers[reducer].work_macs(self.model, kind, z)  # noqa: E731
+        count = lambda z: self.model.reducers[reducer].work_macs(self.model, kind, z)
         return self._fitted(("work", reducer, kind), tuple(size), count)
 
     def _fitted(self, key: tuple, size: tuple, count) -> int:

@@ -3,7 +3,7 @@
 - ``tome_attention``: ToMe r = 0.5 on an attention-heavy patchify model (P = 1 on 32x32, D = 128) vs the
   same weights without it, one forward; target: speed-up >= 0.7 x the useful-MAC reduction.
 - ``fora_ddim50``, ``taylorseer_ddim50``: FORA interval 2 and TaylorSeer interval 3 on the trained
-  quickstart DiT/2, whole DDIM-50 sampling calls vs uncached; target: speed-up >= 0.9 x the per-image
+  quickstart DiT/2, whole DDIM-50 sampling calls of 32 images vs uncached; target: speed-up >= 0.9 x the per-image
   MAC reduction; the row also gives the mean squared difference of the final samples to the uncached
   ones (same seed, pixels in [-1, 1]). They read the quickstart's run directory
   ``$DYNCOMPUTE_QUICKSTART_RUNS/dit2`` (default ``runs/quickstart``): run ``dyncompute quickstart`` first.
@@ -90,7 +90,7 @@ def quickstart_run(name: str = "dit2") -> Path:
     return run
 
 
-def _cache_pair(case: str, reducers: list[str], bindings: list[str], images: int = 16, steps: int = 50):
+def _cache_pair(case: str, reducers: list[str], bindings: list[str], images: int = 32, steps: int = 50):
     run = quickstart_run()
     plain = load_variant(run, [], [])
     cached = load_variant(run, reducers, bindings)

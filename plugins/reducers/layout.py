@@ -27,10 +27,10 @@ class Layout:
     lengths: tuple[int, ...]
 
     @classmethod
-    def of(cls, tokens: Tokens) -> "Layout":
+    def of(cls, tokens: Tokens) -> Layout:
         return cls(tokens.pos, tuple(tokens.lengths))
 
-    def same_as(self, other: "Layout") -> bool:
+    def same_as(self, other: Layout) -> bool:
         return self.lengths == other.lengths and (self.pos is other.pos or torch.equal(self.pos, other.pos))
 
 
