@@ -1,6 +1,9 @@
 """The adaLN-Zero DiT backbone over packed `Tokens`."""
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 from timm.layers import Mlp
@@ -8,6 +11,34 @@ from timm.layers import Mlp
 from .attention import PackedAttention
 from .reducer import Hooks
 from .tokens import Tokens
+
+
+@dataclass
+class Branch:
+    """One residual branch of a DiT block as an op of the block input: ``op(modulate(norm(x)))``.
+
+    A token hook receives the branch and the block input, so a cache that answers for the op skips the
+    norm and modulation too (as FORA and TaylorSeer do), and token merging merges the block input (ToMe's
+    residual stream) before the norm. ``prepare`` gives the op's own input (e.g. for ToMe's keys).
+    The block's own tokens use the per-token vectors gathered once per block; other tokens (merged by a
+    reducer) gather theirs from the per-sample ``(B, 2D)`` shift and 1 + scale.
+    """
+
+    norm: nn.Module
+    op: Callable[..., torch.Tensor]
+    tokens: Tokens
+    shift: torch.Tensor  # per token of ``tokens``
+    scale: torch.Tensor  # 1 + scale, per token of ``tokens``
+    per_sample: torch.Tensor  # (B, 2D): shift, 1 + scale
+
+    def prepare(self, x: torch.Tensor, tokens: Tokens) -> torch.Tensor:
+        if tokens is self.tokens:
+            return tokens.modulate(self.norm(x), self.shift, self.scale)
+        shift, scale = tokens.per_token(self.per_sample).chunk(2, dim=-1)
+        return tokens.modulate(self.norm(x), shift, scale)
+
+    def __call__(self, x: torch.Tensor, tokens: Tokens, **kw) -> torch.Tensor:
+        return self.op(self.prepare(x, tokens), tokens, **kw)
 
 
 class DiTBlock(nn.Module):
@@ -24,19 +55,21 @@ class DiTBlock(nn.Module):
     def forward(self, h: torch.Tensor, c: torch.Tensor, tokens: Tokens, hooks: Hooks | None = None,
                 index: int = 0) -> torch.Tensor:
         """h: ``tokens.batched()`` layout; c: (B, D) conditioning; reducers run at ``hooks``."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c, tokens)
-        a = tokens.modulate(self.norm1(h), shift_msa, scale_msa)
-        a = hooks.token_op("attention", index, self.attn, a, tokens, h, self) if hooks else self.attn(a, tokens)
+        ada = self.adaLN_vectors(c)  # (B, 6, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = tokens.per_token(ada.flatten(1)).chunk(6, -1)
+        attention = Branch(self.norm1, self.attn, tokens, shift_msa, scale_msa, ada[:, 0:2].flatten(1))
+        mlp = Branch(self.norm2, self.run_mlp, tokens, shift_mlp, scale_mlp, ada[:, 3:5].flatten(1))
+        a = hooks.token_op("attention", index, attention, h, tokens, self, attention.prepare) if hooks else \
+            attention(h, tokens)
         h = tokens.gated_add(h, gate_msa, a)
-        m = tokens.modulate(self.norm2(h), shift_mlp, scale_mlp)
-        m = hooks.token_op("mlp", index, self.run_mlp, m, tokens, h, self) if hooks else self.mlp(m)
+        m = hooks.token_op("mlp", index, mlp, h, tokens, self, mlp.prepare) if hooks else mlp(h, tokens)
         return tokens.gated_add(h, gate_mlp, m)
 
-    def modulation(self, c: torch.Tensor, tokens: Tokens) -> tuple[torch.Tensor, ...]:
-        """adaLN's six vectors per token: shift, 1 + scale, gate for attention, then for the MLP."""
-        ada = self.adaLN_modulation(c).unflatten(-1, (6, -1))  # (B, 6, D)
+    def adaLN_vectors(self, c: torch.Tensor) -> torch.Tensor:
+        """adaLN's six per-sample vectors (B, 6, D): shift, 1 + scale, gate for attention, then the MLP."""
+        ada = self.adaLN_modulation(c).unflatten(-1, (6, -1))
         ada[:, 1::3] += 1  # DiT's x * (1 + scale): the 1 is added per sample, not per token
-        return tokens.per_token(ada.flatten(1)).chunk(6, dim=-1)  # one gather per block, whatever the batch
+        return ada
 
     def run_mlp(self, h: torch.Tensor, tokens: Tokens) -> torch.Tensor:
         """The MLP with the (h, tokens) signature of a token hook's op."""
@@ -44,7 +77,7 @@ class DiTBlock(nn.Module):
 
     def modulated_input(self, h: torch.Tensor, c: torch.Tensor, tokens: Tokens) -> torch.Tensor:
         """The attention branch's adaLN-modulated input (TeaCache's change indicator reads block 0's)."""
-        shift_msa, scale_msa = self.modulation(c, tokens)[:2]
+        shift_msa, scale_msa = tokens.per_token(self.adaLN_vectors(c)[:, :2].flatten(1)).chunk(2, -1)
         return tokens.modulate(self.norm1(h), shift_msa, scale_msa)
 
     def zero_init(self) -> None:

@@ -41,6 +41,7 @@ class BenchPair:
     target: str = ""  # e.g. "ratio <= 1.15" or "GFLOP/s >= 60% of reference"
     check: Callable[[dict], bool] | None = None  # judges the measured row
     load: int = 0  # busy processes spinning on the CPUs while the pair runs
+    extra: dict | None = None  # more measured columns for the row (e.g. a quality difference)
 
 
 CASES: dict[str, Callable[[], list[BenchPair]]] = {}
@@ -189,6 +190,7 @@ def run_pair(pair: BenchPair, warmup: int = 2, repeats: int = 5) -> dict:
     }
     if pair.subject.macs and pair.reference.macs:
         row["mac_ratio"] = pair.subject.macs / pair.reference.macs
+    row.update(pair.extra or {})
     row["met"] = pair.check(row) if pair.check else None
     return row
 

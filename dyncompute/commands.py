@@ -136,7 +136,8 @@ def flops(args) -> None:
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(fwd.table().round(4).to_string(index=False))
         if traj is not None:
-            print(f"trajectory ({args.sampler}, {args.steps} steps, cfg {args.cfg_scale}): NFE {traj.nfe}, "
+            print(f"trajectory ({args.sampler}, {args.steps} steps, cfg {args.cfg_scale}): NFE {traj.nfe} model calls, "
+                  f"{traj.backbone_evaluations} backbone evaluations, "
                   f"{traj.useful_macs_per_image / 1e9:.2f} GMACs = {traj.flops_per_image / 1e12:.4f} TFLOPs per image")
             print(traj.steps.round(4).to_string(index=False, max_rows=20))
 

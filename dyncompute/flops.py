@@ -273,8 +273,8 @@ def backbone_macs(model: nn.Module, length: int) -> int:
 
 
 class _SkipOps:
-    """Stands in for the reducer hooks of one block: the attention and MLP ops are not run (their
-    output is zero), so a trace counts only the rest of the block (adaLN, norms)."""
+    """Stands in for the reducer hooks of one block: the attention and MLP branches are not run (their
+    output is zero), so a trace counts only the rest of the block (the adaLN projection)."""
 
     @staticmethod
     def token_op(point, block, op, h, *args):
@@ -299,10 +299,12 @@ BLOCK_PARTS = ("base", "attention", "mlp")
 def block_part_macs(model: nn.Module, part: str, length: int) -> int:
     """Exact MACs of one DiT block's ``part`` on one sample of ``length`` tokens.
 
-    "attention" and "mlp" are the ops a token hook wraps (run on however many tokens a reducer hands
-    them); "base" is the rest of the block (adaLN modulation, norms), which always sees every token.
-    Every block has the same shapes, so block 0 stands for all.
+    "attention" and "mlp" are the branch ops a token hook wraps, each with its adaLN-modulated norm
+    (run on however many tokens a reducer hands them); "base" is the rest of the block (the adaLN
+    projection of the conditioning). Every block has the same shapes, so block 0 stands for all.
     """
+    from .backbone import Branch
+
     if part not in BLOCK_PARTS:
         raise ValueError(f"unknown block part {part!r}; known: {', '.join(BLOCK_PARTS)}")
     if length == 0 and part != "base":
@@ -311,11 +313,15 @@ def block_part_macs(model: nn.Module, part: str, length: int) -> int:
     dev = _device(model)
     tokens = Tokens.from_lengths(torch.zeros(length, width, device=dev), [length],
                                  torch.zeros(length, 2, dtype=torch.long, device=dev))
-    x = torch.zeros(1, length, width, device=dev)
-    fns = {"attention": lambda h: block.attn(h, tokens), "mlp": lambda h: block.mlp(h),
-           "base": lambda h, c: block(h, c, tokens, _SkipOps())}
-    inputs = (x, torch.zeros(1, width, device=dev)) if part == "base" else (x,)
-    return count_macs(fns[part], *inputs, owner=model)
+    x, c = torch.zeros(1, length, width, device=dev), torch.zeros(1, width, device=dev)
+
+    def branch(norm, op, v):  # shift = 1 + scale = v, per token and per sample
+        return Branch(norm, op, tokens, tokens.per_token(v), tokens.per_token(v), torch.cat([v, v], -1))
+
+    fns = {"attention": lambda h, v: branch(block.norm1, block.attn, v)(h, tokens),
+           "mlp": lambda h, v: branch(block.norm2, block.run_mlp, v)(h, tokens),
+           "base": lambda h, v: block(h, v, tokens, _SkipOps())}
+    return count_macs(fns[part], x, c, owner=model)
 
 
 def count_macs(fn, *inputs, owner: nn.Module | None = None) -> int:

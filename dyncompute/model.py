@@ -89,6 +89,9 @@ class DiffusionTransformer(nn.Module):
         self.backbone = Backbone(hidden_size, depth, num_heads, mlp_ratio)
         self.initialize_weights()
         self.reducers = nn.ModuleList(_build_reducer(r) for r in reducers)
+        names = [r.name or type(r).__name__ for r in self.reducers]
+        if len(set(names)) < len(names):  # reports and the accounting key reducers by name
+            raise ValueError(f"reducers must be listed once each, got {names}")
         for reducer in self.reducers:
             reducer.check_model(self)
         if compile:  # the opt-in compiled path (dyncompute.compile)

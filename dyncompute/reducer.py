@@ -1,10 +1,11 @@
 """The reducer seam: compute reducers attach at declared hook points, never by patching a model.
 
 Hook points
-- ``attention`` and ``mlp`` (token level, inside every `DiTBlock`): the reducer receives the op and its
-  modulated input and returns the op's output for every input token. Token merging wraps the op in
-  merge -> op -> unmerge; a feature cache returns a stored output instead of calling it. The context
-  also carries the block's input (the residual stream, e.g. ToMe's similarity metric) and the block.
+- ``attention`` and ``mlp`` (token level, inside every `DiTBlock`): the reducer receives the branch's op
+  and the block input at that point (the residual stream) and returns the op's output for every input
+  token. The op includes the branch's adaLN-modulated norm (`backbone.Branch`), so token merging
+  (merge -> op -> unmerge) merges the residual stream, and a feature cache that returns a stored output
+  skips the norm as well. The context also carries the block and ``prepare`` (the op's own input).
 - ``step`` (step level, around "backbone + back to the grid" in `DiffusionTransformer.forward`): the
   reducer receives a function that runs the backbone and `Tokenizer.to_grid`, and returns grid
   features. Grid features have one row per position of the tokenizer's fixed grid, whatever tokens the
@@ -96,8 +97,8 @@ class StepCache:
 class BlockContext:
     """What a token-level hook sees: the block, the tokens' layout, conditioning and trajectory state.
 
-    ``x``: the block's input at this hook (the residual stream, ``tokens.batched()`` layout);
-    ``module``: the `DiTBlock`; ``scratch``: this reducer's state for the current forward only.
+    ``module``: the `DiTBlock`; ``prepare(h, tokens)``: the op's input (the adaLN-modulated norm of the
+    block input); ``scratch``: this reducer's state for the current forward only.
     """
 
     block: int
@@ -106,8 +107,8 @@ class BlockContext:
     t: torch.Tensor
     cache: Any  # this reducer's StepCache entry (None outside a sampling call)
     step: StepCache | None
-    x: torch.Tensor | None = None
     module: nn.Module | None = None
+    prepare: Callable[[torch.Tensor, Tokens], torch.Tensor] | None = None
     scratch: dict = field(default_factory=dict)
 
 
@@ -197,9 +198,10 @@ class Hooks:
         return None if self.step_cache is None else self.step_cache.states.get(i)
 
     def token_op(self, point: str, block: int, op: Op, h: torch.Tensor, tokens: Tokens,
-                 x: torch.Tensor | None = None, module: nn.Module | None = None) -> torch.Tensor:
-        """Run ``op`` at a token hook point through every reducer that declares it; ``x`` is the block's
-        input at this point and ``module`` the block (both shown to the reducers)."""
+                 module: nn.Module | None = None, prepare: Op | None = None) -> torch.Tensor:
+        """Run ``op`` (a `backbone.Branch`: norm, modulation and attention or MLP) on the block input ``h``
+        at a token hook point, through every reducer that declares it; ``module`` is the block and
+        ``prepare`` the op's input transform (both shown to the reducers)."""
         while len(self.runs) <= block:
             self.runs.append(BlockRun())
         run = self.runs[block]
@@ -211,15 +213,15 @@ class Hooks:
         call = innermost
         for i, reducer in reversed(list(enumerate(self.reducers))):
             if point in reducer.hook_points:
-                call = self._wrap(reducer, point, call, i, block, x, module)
+                call = self._wrap(reducer, point, call, i, block, module, prepare)
         return call(h, tokens)
 
-    def _wrap(self, reducer: Reducer, point: str, inner: Op, i: int, block: int, x, module) -> Op:
+    def _wrap(self, reducer: Reducer, point: str, inner: Op, i: int, block: int, module, prepare) -> Op:
         hook = {"attention": reducer.attention, "mlp": reducer.mlp}[point]
 
         def call(h, tokens, **kw):
             op = functools.partial(inner, **kw) if kw else inner
-            ctx = BlockContext(block, tokens, self.c, self.t, self._cache(i), self.step_cache, x, module,
+            ctx = BlockContext(block, tokens, self.c, self.t, self._cache(i), self.step_cache, module, prepare,
                                self.scratch[i])
             return hook(op, h, ctx)
 

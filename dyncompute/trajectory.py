@@ -197,7 +197,7 @@ class SampleCost:
         return self._fitted(("part", part), (length,), lambda size: block_part_macs(self.model, part, size[0]))
 
     def work(self, reducer: int, kind: str, size: tuple) -> int:
-        count = lambda z: self.model.reducers[reducer].work_macs(self.model, kind, z)  # noqa: E731
+        count = lambda z: self.model.reducers[reducer].work_macs(self.model, kind, z)
         return self._fitted(("work", reducer, kind), tuple(size), count)
 
     def _fitted(self, key: tuple, size: tuple, count) -> int:

@@ -11,15 +11,15 @@ import copy
 import json
 import math
 
-import gin
 import numpy as np
 import pytest
 import torch
+from test_engine import TINY  # the tiny trainable config
 
 from dyncompute import flops
 from dyncompute.backbone import Backbone
 from dyncompute.cli import main
-from dyncompute.config import ConfigError, build_model, scoped
+from dyncompute.config import build_model, scoped
 from dyncompute.diffusion import make_objective
 from dyncompute.engine import train
 from dyncompute.layers import grid_positions
@@ -31,8 +31,8 @@ from dyncompute.sampling import generate
 from dyncompute.tokens import Tokens
 from dyncompute.trajectory import SampleCost, count_trajectory, row_signatures
 
-COEFFS = dict(coefficients=[0.0, 0.0, 0.0, 1.0, 0.0], fingerprint="unchecked")  # identity rescaling
-NEUTRAL = {"token_merging": dict(ratio=0.0), "fora": dict(interval=1), "taylorseer": dict(interval=1),
+COEFFS = {"coefficients": [0.0, 0.0, 0.0, 1.0, 0.0], "fingerprint": "unchecked"}  # identity rescaling
+NEUTRAL = {"token_merging": {"ratio": 0.0}, "fora": {"interval": 1}, "taylorseer": {"interval": 1},
            "teacache": dict(threshold=0.0, **COEFFS)}
 
 
@@ -163,8 +163,8 @@ def test_merge_plan_of_a_sample_is_the_same_alone_and_in_a_batch():
         assert torch.equal(plan.group[lo:hi] - offset, own.group)
 
 
-@pytest.mark.parametrize("settings", [dict(ratio=0.5), dict(ratio=0.5, split="alternate", metric="keys", mlp=True),
-                                      dict(ratio=0.75, mlp=True, proportional_attention=False)])
+@pytest.mark.parametrize("settings", [{"ratio": 0.5}, {"ratio": 0.5, "split": "alternate", "metric": "keys", "mlp": True},
+                                      {"ratio": 0.75, "mlp": True, "proportional_attention": False}])
 def test_a_sample_merges_the_same_alone_and_in_a_mixed_length_batch(settings):
     """Backbone with token merging on packed mixed-length tokens vs each sample alone."""
     torch.manual_seed(0)
@@ -234,7 +234,7 @@ def test_taylorseer_forecasts_by_the_originals_finite_differences():
     ts, cache, ran, outs = reducer("taylorseer", interval=3, order=2, warmup=2), None, [], {}
     cache = ts.new_cache()
     for e in range(12):
-        op = lambda h, tk, e=e: (ran.append(e), F[e])[1]  # noqa: E731
+        op = lambda h, tk, e=e: (ran.append(e), F[e])[1]
         outs[e] = ts.attention(op, torch.zeros(10, 3), _cache_ctx(cache, e, tokens))
     assert ran == [0, 1, 4, 7, 10]  # warm-up, then every 3rd
     d1_at_4, d1_at_7 = (F[4] - F[1]) / 3, (F[7] - F[4]) / 3
@@ -316,26 +316,10 @@ def test_teacache_refuses_without_coefficients_and_with_another_models():
         sample(model)
 
 
-TINY_RUN = """
-DiffusionTransformer.input_size = 8
-DiffusionTransformer.in_channels = 3
-DiffusionTransformer.num_classes = 10
-DiffusionTransformer.hidden_size = 32
-DiffusionTransformer.depth = 2
-DiffusionTransformer.num_heads = 2
-tokenizers.patchify.patch_size = 2
-datasets.procedural.size = 8
-datasets.procedural.length = 16
-train.batch_size = 8
-train.steps = 2
-train.checkpoint_every = 2
-train.progress = False
-train.device = 'cpu'
-"""
 
 
 def test_calibrate_teacache_writes_the_models_own_coefficients(tmp_path, capsys):
-    (tmp_path / "tiny.gin").write_text(TINY_RUN)
+    (tmp_path / "tiny.gin").write_text(TINY)
     with scoped([tmp_path / "tiny.gin"]):
         train(tmp_path / "run")
     assert main(["calibrate", "teacache", str(tmp_path / "run"), "--steps", "8", "--num-samples", "2"]) == 0
@@ -353,15 +337,15 @@ def test_calibrate_teacache_writes_the_models_own_coefficients(tmp_path, capsys)
 
 
 @pytest.mark.parametrize("name, settings, match", [
-    ("token_merging", dict(ratio=0.8), r"\[0, 1 - 1/cell\^2 = 0.75\]"),
-    ("token_merging", dict(ratio=-0.1), "ratio"),
-    ("token_merging", dict(ratio=0.6, split="alternate"), "1/2"),
-    ("token_merging", dict(ratio=0.9, cell=3), "0.888889"),
-    ("token_merging", dict(split="bands"), "split"),
-    ("token_merging", dict(attention=False, mlp=False), "neither"),
-    ("fora", dict(interval=0), r"reducers.fora.interval must be an integer >= 1"),
-    ("taylorseer", dict(interval=0), "interval"),
-    ("taylorseer", dict(order=-1), r"reducers.taylorseer.order must be an integer >= 0"),
+    ("token_merging", {"ratio": 0.8}, r"\[0, 1 - 1/cell\^2 = 0.75\]"),
+    ("token_merging", {"ratio": -0.1}, "ratio"),
+    ("token_merging", {"ratio": 0.6, "split": "alternate"}, "1/2"),
+    ("token_merging", {"ratio": 0.9, "cell": 3}, "0.888889"),
+    ("token_merging", {"split": "bands"}, "split"),
+    ("token_merging", {"attention": False, "mlp": False}, "neither"),
+    ("fora", {"interval": 0}, r"reducers.fora.interval must be an integer >= 1"),
+    ("taylorseer", {"interval": 0}, "interval"),
+    ("taylorseer", {"order": -1}, r"reducers.taylorseer.order must be an integer >= 0"),
     ("teacache", dict(threshold=-0.1, **COEFFS), "threshold must be >= 0"),
 ])
 def test_bad_settings_are_clear(name, settings, match):
@@ -384,8 +368,13 @@ def test_a_reducer_that_cannot_apply_to_the_tokenizer_is_clear():
         dit([reducer("token_merging", blocks=[5])])
 
 
+def test_a_reducer_listed_twice_is_clear():
+    with pytest.raises(ValueError, match="listed once"):
+        dit([reducer("fora"), reducer("fora", interval=3)])
+
+
 def test_bad_reducer_binding_exits_2_with_one_line(tmp_path, capsys):
-    (tmp_path / "m.gin").write_text(TINY_RUN)
+    (tmp_path / "m.gin").write_text(TINY)
     code = main(["flops", str(tmp_path / "m.gin"), "-b", "DiffusionTransformer.reducers = ['fora']",
                  "-b", "reducers.fora.interval = 0"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -417,7 +406,7 @@ def test_dcdit_with_token_merging_and_teacache_end_to_end(sampler, cfg):
 
 def test_dcdit_with_token_merging_and_teacache_is_counted():
     model = dcdit([reducer("token_merging", ratio=0.5), reducer("teacache", threshold=0.2, **COEFFS)])
-    count, result = count_trajectory(model, num_samples=2, sampler="ddim", num_steps=5, cfg_scale=2.0,
+    count, _result = count_trajectory(model, num_samples=2, sampler="ddim", num_steps=5, cfg_scale=2.0,
                                      uncond_budget={"tail_drop": 0.5})
     assert count.nfe == 5 and 2 <= count.backbone_evaluations < 5 and not count.notes
     assert count.by_component["reducer:token_merging"] > 0 and count.by_component["reducer:teacache"] > 0
@@ -428,7 +417,7 @@ def test_dit_with_fora_and_token_merging_end_to_end(sampler):
     for reds in ([reducer("fora", interval=2), reducer("token_merging", ratio=0.5)],
                  [reducer("token_merging", ratio=0.5), reducer("fora", interval=2)]):
         infos = _Infos()
-        kw = dict(objective="flow") if sampler == "ode" else {}
+        kw = {"objective": "flow"} if sampler == "ode" else {}
         images = sample(dit(reds), steps=5, sampler=sampler, cfg_scale=2.0, observers=[infos], **kw)
         assert images.isfinite().all()
         assert [info.backbone_computed for info in infos] == [True, False, True, False, True]
@@ -453,9 +442,9 @@ def test_block_parts_match_hand_formulas_and_sum_to_the_backbone():
     D = 32
     for L in (1, 7, 16):
         base, attn, mlp = (flops.block_part_macs(model, p, L) for p in ("base", "attention", "mlp"))
-        assert base == 6 * D * D + 2 * 4 * L * D  # adaLN projection, two affine-free layer norms
-        assert attn == 4 * L * D * D + 2 * L * L * D  # qkv, proj, QK^T, AV
-        assert mlp == 8 * L * D * D
+        assert base == 6 * D * D  # the adaLN projection of the conditioning
+        assert attn == 4 * L * D + 4 * L * D * D + 2 * L * L * D  # affine-free layer norm, qkv, proj, QK^T, AV
+        assert mlp == 4 * L * D + 8 * L * D * D
         assert 3 * (base + attn + mlp) == flops.backbone_macs(model, L)
 
 
@@ -489,11 +478,11 @@ def _replayed(model, steps=4, n=2, size=8):
 
 
 @pytest.mark.parametrize("make, reds", [
-    (dit, [("fora", dict(interval=2))]),
-    (dit, [("taylorseer", dict(interval=2, order=2))]),
-    (dit, [("token_merging", dict(ratio=0.5, mlp=True, metric="keys"))]),
-    (dcdit, [("taylorseer", dict(interval=2, order=1))]),
-    (dcdit, [("token_merging", dict(ratio=0.5))]),
+    (dit, [("fora", {"interval": 2})]),
+    (dit, [("taylorseer", {"interval": 2, "order": 2})]),
+    (dit, [("token_merging", {"ratio": 0.5, "mlp": True, "metric": "keys"})]),
+    (dcdit, [("taylorseer", {"interval": 2, "order": 1})]),
+    (dcdit, [("token_merging", {"ratio": 0.5})]),
 ])
 def test_composed_evaluation_counts_equal_fvcore_traces(make, reds):
     model = make([reducer(n, **s) for n, s in reds])
@@ -518,24 +507,24 @@ def test_trajectory_counts_match_hand_derived_formulas():
     base = dit()
     full = count_trajectory(base, 1, "ddim", steps)[0]
     per_eval = full.useful_macs_per_image / steps
-    block_base = 6 * D * D + 8 * L * D
-    rest = per_eval - depth * (block_base + 4 * L * D * D + 2 * L * L * D + 8 * L * D * D)
+    adaln, norm = 6 * D * D, 4 * L * D
+    rest = per_eval - depth * (adaln + 2 * norm + 4 * L * D * D + 2 * L * L * D + 8 * L * D * D)
     fora = count_trajectory(same_weights(dit([reducer("fora", interval=2)]), base), 1, "ddim", steps)[0]
-    assert fora.useful_macs_per_image == 3 * per_eval + 3 * (rest + depth * block_base)
+    assert fora.useful_macs_per_image == 3 * per_eval + 3 * (rest + depth * adaln)  # reuse: no norms either
     ts = count_trajectory(same_weights(dit([reducer("taylorseer", interval=3, order=2)]), base), 1, "ddim", steps)[0]
-    # full at 0, 1, 4; forecasts at 2, 3 (K = 2) and 5 (K = 3): K MACs per cached number, 2 ops per block
-    forecast = 2 * depth * L * D * (2 + 2 + 3)
-    assert ts.useful_macs_per_image == 3 * per_eval + 3 * (rest + depth * block_base) + forecast
+    # full at 0, 1, 4; forecasts at 2, 3 (order 1) and 5 (order 2): one MAC per difference per cached number
+    forecast = 2 * depth * L * D * (1 + 1 + 2)
+    assert ts.useful_macs_per_image == 3 * per_eval + 3 * (rest + depth * adaln) + forecast
     assert (ts.nfe, ts.backbone_evaluations) == (6, 3)
     tome = count_trajectory(same_weights(dit([reducer("token_merging", ratio=0.5)]), base), 1, "ddim", steps)[0]
-    merged = L // 2  # 2x2 cells on the 4x4 patch grid: 4 destinations, 12 sources, 8 merged
-    attn = 4 * merged * D * D + 2 * merged * merged * D
+    n = L // 2  # 2x2 cells on the 4x4 patch grid: 4 destinations, 12 sources, 8 merged
+    attn = 4 * n * D + 4 * n * D * D + 2 * n * n * D
     matching = L * D + 12 * 4 * D  # normalised metric, similarity of sources with destinations
-    assert tome.useful_macs_per_image == steps * (rest + depth * (block_base + attn + 8 * L * D * D + matching))
+    assert tome.useful_macs_per_image == steps * (rest + depth * (adaln + attn + norm + 8 * L * D * D + matching))
 
 
 def test_flops_cli_reports_model_calls_and_backbone_evaluations(tmp_path, capsys):
-    (tmp_path / "m.gin").write_text(TINY_RUN)
+    (tmp_path / "m.gin").write_text(TINY)
     code = main(["flops", str(tmp_path / "m.gin"), "--json", "--trajectory", "--sampler", "ddim", "--steps", "6",
                  "--repeats", "0", "--samples", "2",
                  "-b", "DiffusionTransformer.reducers = ['token_merging', 'fora']",
@@ -549,8 +538,15 @@ def test_flops_cli_reports_model_calls_and_backbone_evaluations(tmp_path, capsys
                                                     *flops.measurement_inputs(dit(), 2)).useful_macs / 2
 
 
-def test_config_error_names_unknown_reducer_setting(tmp_path):
-    with pytest.raises(ConfigError, match="reducers.fora.ratio"):
-        with scoped([], ["DiffusionTransformer.reducers = ['fora']", "reducers.fora.ratio = 2"]):
-            pass
-    gin.clear_config()
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA device runs this check")
+def test_reducers_on_cuda():
+    """Generators, layouts and caches on the GPU: neutral settings stay identical, composition runs."""
+    for make in (dit, dcdit):
+        base = generate(make().cuda(), num_samples=2, sampler="ddim", num_steps=4, device="cuda").images
+        for name, settings in NEUTRAL.items():
+            model = make([reducer(name, **settings)]).cuda()
+            assert torch.equal(generate(model, num_samples=2, sampler="ddim", num_steps=4, device="cuda").images, base)
+        model = make([reducer("fora", interval=2), reducer("token_merging", ratio=0.5),
+                      reducer("teacache", threshold=0.2, **COEFFS)]).cuda()
+        images = generate(model, num_samples=2, sampler="ddim", num_steps=4, cfg_scale=2.0, device="cuda").images
+        assert images.isfinite().all()

@@ -11,8 +11,8 @@
 
 FORA is TaylorSeer with order 0 and one warm-up evaluation. Only the attention and MLP ops are
 replaced; the rest of each block (adaLN modulation, norms, gated residual adds) still runs, as in both
-originals. A reuse costs nothing; a forecast of order > 0 costs K MACs per cached number (one
-weighted sum of the K stored differences, counted as a (1 x K) @ (K x N) product).
+originals. A reuse costs nothing; a forecast of order K costs K MACs per cached number (the stored
+output plus a weighted sum of its K differences, counted as a (1 x K) @ (K x N) product).
 
 Changing tokens (DC-DiT, or token merging listed before the cache): stored outputs keep their grid
 positions and are read back through the nearest stored token of the same sample (`layout`); finite
@@ -44,17 +44,36 @@ def check_int(name: str, value, minimum: int) -> int:
 
 @dataclass
 class Table:
-    """One op's stored outputs: finite differences (K, T, D) on ``layout``, as of ``evaluation``."""
+    """One op's stored output and finite differences, on ``layout``, as of ``evaluation``.
 
-    factors: torch.Tensor
+    Differences are kept unscaled: the i-th difference is ``scales[i - 1] * diffs[i - 1]``, so each
+    order costs one pass when a full evaluation extends the table (the scales are numbers).
+    """
+
+    value: torch.Tensor  # (T, D) the output at the last full evaluation
+    diffs: torch.Tensor | None  # (K, T, D) unscaled differences
+    scales: tuple[float, ...]
     layout: Layout
     evaluation: int
+    spare: torch.Tensor | None = None  # the previous table's differences, reused as the next one's storage
+
+    @property
+    def order(self) -> int:
+        return len(self.scales)
 
 
-def taylor_sum(weights: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """sum_k weights[k] * factors[k]: one (1 x K) @ (K x N) product over the flattened factors."""
-    K = factors.shape[0]
-    return (weights.view(1, K) @ factors.reshape(K, -1)).view(factors.shape[1:])
+def _storage(spare: torch.Tensor | None, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    """``spare`` when it fits, else a new tensor: fresh large allocations cost page faults (measured ~6x
+    the arithmetic of a difference update on CPU)."""
+    if spare is not None and spare.shape == shape and spare.dtype == like.dtype and spare.device == like.device:
+        return spare
+    return like.new_empty(shape)
+
+
+def taylor_sum(value: torch.Tensor, weights: torch.Tensor, diffs: torch.Tensor) -> torch.Tensor:
+    """value + sum_k weights[k] * diffs[k]: one (1 x K) @ (K x N) product added to the value."""
+    K = diffs.shape[0]
+    return torch.addmm(value.reshape(1, -1), weights.view(1, K), diffs.reshape(K, -1)).view(value.shape)
 
 
 class BlockFeatureCache(Reducer):
@@ -90,32 +109,42 @@ class BlockFeatureCache(Reducer):
         ctx.scratch["full"] = full
         if full:
             out = op(h, ctx.tokens)
-            ctx.cache[key] = self._extended(table, out.reshape(-1, out.shape[-1]), layout, e, ctx.scratch)
+            ctx.cache[key] = self._extended(table, out.detach().reshape(-1, out.shape[-1]), layout, e, ctx.scratch)
             return out
-        factors = read_rows(table.factors, mapped(table.layout, layout, ctx.scratch), dim=1)
-        return self._forecast(factors, e - table.evaluation, ctx).view_as(h)
+        return self._forecast(table, layout, e - table.evaluation, ctx).view_as(h)
 
     def _extended(self, old: Table | None, out: torch.Tensor, layout: Layout, e: int, scratch: dict) -> Table:
-        """New table: the output, then each difference order the older table allows."""
+        """New table: the output, then each difference order the older table allows (TaylorSeer's
+        D_{i+1} = (D_i - D_i_old) / dt, dt the distance between the two full evaluations)."""
         if old is None or self.order == 0:
-            return Table(out.detach()[None], layout, e)
-        prev = read_rows(old.factors, mapped(old.layout, layout, scratch), dim=1)
-        factors, dt = [out.detach()], float(e - old.evaluation)
-        for i in range(min(self.order, prev.shape[0])):
-            factors.append((factors[i] - prev[i]) / dt)
-        return Table(torch.stack(factors), layout, e)
+            return Table(out, None, (), layout, e)
+        index = mapped(old.layout, layout, scratch)
+        K, dt = min(self.order, old.order + 1), float(e - old.evaluation)
+        diffs, scales = _storage(old.spare, (K, *out.shape), out), []
+        cur, cur_scale = out, 1.0  # order i of the new table (unscaled) and its scale
+        prev, prev_scale = read_rows(old.value, index), 1.0  # order i of the old table
+        with torch.no_grad():
+            for i in range(K):  # raw_{i+1} = raw_i - (old scale_i / scale_i) old raw_i; scale_{i+1} = scale_i / dt
+                torch.sub(cur, prev, alpha=prev_scale / cur_scale, out=diffs[i])
+                scales.append(cur_scale / dt)
+                if i + 1 < K:
+                    cur, cur_scale = diffs[i], scales[i]
+                    prev, prev_scale = read_rows(old.diffs[i], index), old.scales[i]
+        return Table(out, diffs, tuple(scales), layout, e, spare=old.diffs)
 
-    def _forecast(self, factors: torch.Tensor, k: int, ctx: BlockContext) -> torch.Tensor:
-        K = factors.shape[0]
-        if K == 1:
-            return factors[0]  # plain reuse: no arithmetic
-        weights = torch.tensor([k ** i / math.factorial(i) for i in range(K)], dtype=factors.dtype,
-                               device=factors.device)
+    def _forecast(self, table: Table, layout: Layout, k: int, ctx: BlockContext) -> torch.Tensor:
+        index = mapped(table.layout, layout, ctx.scratch)
+        value = read_rows(table.value, index)
+        if table.diffs is None:
+            return value  # plain reuse: no arithmetic
+        diffs = read_rows(table.diffs, index, dim=1)
+        weights = torch.tensor([k ** (i + 1) / math.factorial(i + 1) * s for i, s in enumerate(table.scales)],
+                               dtype=diffs.dtype, device=diffs.device)
         work = ctx.scratch.setdefault("work", [[] for _ in ctx.tokens.lengths])
-        width = factors.shape[-1]
+        width = value.shape[-1]
         for row, n in zip(work, ctx.tokens.lengths):
-            row.append(("forecast", (K, n * width)))
-        return taylor_sum(weights, factors)
+            row.append(("forecast", (table.order, n * width)))
+        return taylor_sum(value, weights, diffs)
 
     def report(self, cache, scratch: dict) -> dict:
         if "full" not in scratch:
@@ -126,7 +155,7 @@ class BlockFeatureCache(Reducer):
         if kind != "forecast":
             return super().work_macs(model, kind, size)
         K, n = size
-        return count_macs(taylor_sum, torch.zeros(K), torch.zeros(K, n))
+        return count_macs(taylor_sum, torch.zeros(n), torch.zeros(K), torch.zeros(K, n))
 
 
 @REDUCERS.register("fora")
