@@ -163,7 +163,8 @@ def test_merge_plan_of_a_sample_is_the_same_alone_and_in_a_batch():
         assert torch.equal(plan.group[lo:hi] - offset, own.group)
 
 
-@pytest.mark.parametrize("settings", [{"ratio": 0.5}, {"ratio": 0.5, "split": "alternate", "metric": "keys", "mlp": True},
+@pytest.mark.parametrize("settings", [{"ratio": 0.5},
+                                      {"ratio": 0.5, "split": "alternate", "metric": "keys", "mlp": True},
                                       {"ratio": 0.75, "mlp": True, "proportional_attention": False}])
 def test_a_sample_merges_the_same_alone_and_in_a_mixed_length_batch(settings):
     """Backbone with token merging on packed mixed-length tokens vs each sample alone."""

@@ -26,7 +26,8 @@ def sampling_call(model, images: int, steps: int, sampler: str = "ddim", seed: i
     return call
 
 
-def recorded(model, images: int, steps: int, sampler: str = "ddim", seed: int = 0) -> tuple[TrajectoryCount, torch.Tensor]:
+def recorded(model, images: int, steps: int, sampler: str = "ddim",
+             seed: int = 0) -> tuple[TrajectoryCount, torch.Tensor]:
     """Per-image compute of a sampling call, and its images."""
     recorder = TrajectoryRecorder(model)
     out = generate(model, num_samples=images, sampler=sampler, num_steps=steps, batch_size=images, seed=seed,
