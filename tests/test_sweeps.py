@@ -106,18 +106,15 @@ def test_bad_sweep_files_fail_before_any_cell(case, tmp_path, capsys):
     assert not out.exists()  # nothing ran, nothing was written
 
 
-def test_reducer_sweep_explains_what_it_waits_for(tmp_path, capsys):
-    """reducers.gin declares the reducer plugins it needs; until they exist the check says so."""
-    from dyncompute.registry import REDUCERS
-
-    missing = [n for n in ("token_merging", "fora", "teacache", "taylorseer") if n not in REDUCERS.names()]
-    if not missing:  # the plugins are installed: the grid expands like any other
-        assert load_sweep(ROOT / "experiments" / "sweeps" / "reducers.gin").cells
-        return
-    rc = main(["sweep", str(ROOT / "experiments" / "sweeps" / "reducers.gin"), "--out", str(tmp_path / "o"),
-               "--dry-run"])
+def test_a_sweep_needing_a_missing_plugin_says_which(tmp_path, capsys):
+    """``sweep.requires`` is checked before anything runs; a missing plugin is named."""
+    path = tmp_path / "needs.gin"
+    path.write_text(SMOKE.read_text() + "\nsweep.requires = ['reducers.token_merging', 'reducers.no_such_cache']\n")
+    rc = main(["sweep", str(path), "--out", str(tmp_path / "o"), "--dry-run"])
     err = capsys.readouterr().err
-    assert rc == 2 and "needs plugins that are not installed" in err and f"reducers.{missing[0]}" in err
+    assert rc == 2 and "needs plugins that are not installed" in err and "reducers.no_such_cache" in err
+    assert err.split("not installed: ", 1)[1].startswith("reducers.no_such_cache (")  # only the missing one
+    assert not (tmp_path / "o").exists()
 
 
 # --------------------------------------------------------------------------- running
@@ -265,7 +262,8 @@ def test_pareto_front():
 # --------------------------------------------------------------------------- the experiments
 
 
-@pytest.mark.parametrize("name,cells,runs", [("quickstart", 6, 3), ("ablations", 30, 15), ("paper_4x_16x", 6, 6)])
+@pytest.mark.parametrize("name,cells,runs", [("quickstart", 9, 3), ("ablations", 30, 15), ("paper_4x_16x", 6, 6),
+                                               ("reducers", 18, 2)])
 def test_experiment_sweeps_expand(name, cells, runs):
     sweep = load_sweep(ROOT / "experiments" / "sweeps" / f"{name}.gin")
     assert len(sweep.cells) == cells and len(sweep.train_ids) == runs

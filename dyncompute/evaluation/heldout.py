@@ -64,12 +64,14 @@ def model_time(objective, k: int, n: int, device) -> torch.Tensor:
     return torch.full((n,), k, dtype=torch.long, device=device)
 
 
-def denoise(model, objective, x0: torch.Tensor, y: torch.Tensor, k: int, noise: torch.Tensor):
-    """One forward on x0 noised at timestep k: (per-sample MSE term (B,), the forward's ForwardInfo)."""
+def denoise(model, objective, x0: torch.Tensor, y: torch.Tensor, k: int, noise: torch.Tensor,
+            model_kwargs: dict | None = None):
+    """One forward on x0 noised at timestep k: (per-sample MSE term (B,), the forward's ForwardInfo);
+    ``model_kwargs`` (e.g. a sampling budget) go to the model."""
     infos = []
 
     def model_fn(x_t, t, **kwargs):
-        out, info = model(x_t, t, return_info=True, **kwargs)
+        out, info = model(x_t, t, return_info=True, **kwargs, **(model_kwargs or {}))
         infos.append(info)
         return out
 
@@ -81,9 +83,9 @@ def denoise(model, objective, x0: torch.Tensor, y: torch.Tensor, k: int, noise: 
 class HeldoutStep:
     """Evaluator process function: a batch of held-out images -> per-timestep losses and router maps."""
 
-    def __init__(self, model, objective, timesteps, seed: int, router: bool):
+    def __init__(self, model, objective, timesteps, seed: int, router: bool, model_kwargs: dict | None = None):
         self.model, self.objective, self.timesteps = model, objective, tuple(timesteps)
-        self.seed, self.router = seed, router
+        self.seed, self.router, self.model_kwargs = seed, router, model_kwargs
 
     def __call__(self, engine: Engine, batch: dict) -> dict:
         device = next(self.model.parameters()).device
@@ -92,7 +94,7 @@ class HeldoutStep:
         out = {}
         for k in self.timesteps:
             noise = torch.randn(x0.shape, generator=g).to(device)
-            mse, info = denoise(self.model, self.objective, x0, y, k, noise)
+            mse, info = denoise(self.model, self.objective, x0, y, k, noise, self.model_kwargs)
             row = {"mse": mse.float()[:, None].cpu()}  # (B, 1): ignite's Average counts B samples
             if self.router:
                 p, kept = router_maps(self.model, info)
@@ -103,10 +105,12 @@ class HeldoutStep:
         return out
 
 
-def create_heldout_evaluator(model, objective, timesteps=TIMESTEPS, seed: int = 0) -> Engine:
-    """An ignite evaluator with every held-out metric attached (router metrics only for a router)."""
+def create_heldout_evaluator(model, objective, timesteps=TIMESTEPS, seed: int = 0,
+                             model_kwargs: dict | None = None) -> Engine:
+    """An ignite evaluator with every held-out metric attached (router metrics only for a router);
+    ``model_kwargs`` (e.g. a sampling budget) go to every forward."""
     router = has_router(model)
-    engine = Engine(HeldoutStep(model, objective, timesteps, seed, router))
+    engine = Engine(HeldoutStep(model, objective, timesteps, seed, router, model_kwargs))
     for k in timesteps:
         Average(lambda o, k=k: o[k]["mse"]).attach(engine, f"denoising_mse_t{k}")
         if router:

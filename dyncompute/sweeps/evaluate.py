@@ -1,35 +1,41 @@
 """A cell's quality metrics: the one place the sweep asks "how good is this model and sampling setup?".
 
-`evaluate_cell` is the seam to the evaluation module: it returns metric values with their goals
-("min" or "max"), and reports plot every metric that has a goal, so a new metric (``fid_shapes``,
-``is_shapes``, ``cas``, router diagnostics) appears in results.csv and the Pareto figures by being
-returned here. Today it measures what needs no trained feature extractor:
+`evaluate_cell` is the seam to `dyncompute.evaluation`: it returns metric values with their goals
+("min" or "max"), and reports plot every metric that has a goal.
 
-- ``heldout_denoise_mse``: the objective's noise-prediction MSE on held-out images (never seen in
-  training) at fixed, evenly spaced timesteps with fixed noise; the cell's sampling budget applies.
-  Compares models, not samplers.
+- ``fid_shapes`` / ``is_shapes`` / ``cas`` (or another extractor's names, ``CellSettings.features``):
+  the cell's samples against as many held-out real images of the run's dataset; ``fid_shapes_real`` is
+  the real-vs-real floor at that sample count. FID needs more samples than the extractor has features.
+- ``heldout_denoise_mse``: the objective's MSE term on held-out images (never trained on) at
+  ``CellSettings.heldout_timesteps`` evenly spaced timesteps with fixed noise, the cell's sampling
+  budget applied; compares models, not samplers. With a router also ``router_auroc`` (mean over those
+  timesteps; no goal).
 - ``psnr_vs_reference_dB``: mean per-image PSNR (peak-to-peak 2 on [-1, 1] pixels) of the cell's
   samples against reference samples of the same trained model from the same noise and labels
   (``sweep.reference``, e.g. DDIM-50 without reducers). Compares samplers and reducers of one model.
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 
 import gin
 import torch
 
 from ..diffusion import make_objective
-from ..registry import DATASETS
+from ..evaluation.heldout import (NUM_TIMESTEPS, SECOND_SEED, create_heldout_evaluator, evaluate_heldout,
+                                  heldout_dataset, heldout_loader)
+from ..evaluation.metrics import quality
+from ..registry import FEATURE_EXTRACTORS
 
 GOALS = {"heldout_denoise_mse": "min", "psnr_vs_reference_dB": "max"}
 DESCRIPTIONS = {
-    "heldout_denoise_mse": "noise-prediction MSE on held-out images at fixed, evenly spaced timesteps with fixed "
-                           "noise (the cell's sampling budget applies); compares models, not samplers",
+    "heldout_denoise_mse": "the objective's MSE term on held-out images at fixed, evenly spaced timesteps with "
+                           "fixed noise (the cell's sampling budget applies); compares models, not samplers",
     "psnr_vs_reference_dB": "mean per-image PSNR of the cell's samples against the same trained model's reference "
                             "samples (sweep.reference) from the same noise and labels; compares samplers and "
                             "reducers of one model",
+    "router_auroc": "AUROC of the router's boundary probability against the data's detail mask, held-out images, "
+                    "mean over the held-out timesteps",
 }
 
 
@@ -45,6 +51,7 @@ class CellSettings:
     heldout_timesteps: int = 8
     views_samples: int = 8  # boundary maps (data-dependent tokenizers only)
     views_steps: int = 25
+    features: tuple = ("shapes_classifier",)  # feature extractors for FID / IS / CAS (() for none)
 
 
 @dataclass
@@ -57,11 +64,46 @@ class Evaluation:
 
 def evaluate_cell(model, samples, settings: CellSettings, budget: dict, reference=None) -> Evaluation:
     """Metrics of a trained model (gin config of the cell active) and of its ``samples`` (`SampleResult`)."""
-    notes = []
-    metrics = {"heldout_denoise_mse": heldout_denoise_mse(model, settings, budget, notes)}
+    dataset = _query("train.dataset", "procedural")
+    notes, goals, descriptions, metrics = [], dict(GOALS), dict(DESCRIPTIONS), {}
+    try:
+        heldout_dataset(dataset, 1)
+    except ValueError as e:  # e.g. a latent folder: no held-out split to draw
+        notes.append(f"no held-out metrics: {e}")
+    else:
+        metrics.update(heldout_metrics(model, dataset, settings, budget))
+        for name in settings.features:
+            metrics.update(sample_quality(name, dataset, samples, goals, descriptions, notes))
     if reference is not None:
         metrics["psnr_vs_reference_dB"] = psnr(samples.images, reference)
-    return Evaluation(metrics, {k: GOALS[k] for k in metrics}, {k: DESCRIPTIONS[k] for k in metrics}, notes)
+    return Evaluation(metrics, {k: goals[k] for k in metrics if k in goals},
+                      {k: descriptions[k] for k in metrics if k in descriptions}, notes)
+
+
+def sample_quality(name: str, dataset: str, samples, goals: dict, descriptions: dict, notes: list) -> dict:
+    """FID / IS / CAS of the samples on feature extractor ``name`` against held-out real images."""
+    n = len(samples.images)
+    real = heldout_dataset(dataset, n)
+    extractor = FEATURE_EXTRACTORS.build(name, dataset=real)
+    if n <= extractor.num_features:
+        notes.append(f"{extractor.fid_name}: not measured, it needs more samples than the extractor's "
+                     f"{extractor.num_features} features (CellSettings.num_samples = {n})")
+        return {}
+    real_x, real_y = _stack(real, n)
+    second = _stack(heldout_dataset(dataset, n, SECOND_SEED), n)[0]
+    names = {extractor.fid_name: "min", extractor.is_name: "max"}
+    if extractor.cas_name:
+        names[extractor.cas_name] = "max"
+        descriptions[extractor.cas_name] = f"accuracy of the {name} classifier on the samples' labels"
+    goals.update(names)
+    descriptions[extractor.fid_name] = f"FID on {name} features, {n} samples vs {n} held-out real images"
+    descriptions[extractor.is_name] = f"Inception Score on {name} logits, {n} samples"
+    return quality([extractor], samples.images.cpu(), samples.labels.cpu(), real_x, real_y, second)
+
+
+def _stack(data, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    items = [data[i] for i in range(n)]
+    return torch.stack([it["x"] for it in items]), torch.as_tensor([int(it["y"]) for it in items])
 
 
 def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
@@ -72,44 +114,20 @@ def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
     return float((10 * torch.log10(4.0 / mse)).mean())
 
 
-@torch.no_grad()
-def heldout_denoise_mse(model, settings: CellSettings, budget: dict, notes: list) -> float:
-    name = _query("train.dataset", "procedural")
+def heldout_metrics(model, dataset: str, settings: CellSettings, budget: dict) -> dict[str, float]:
+    """Held-out denoising MSE (and router AUROC) through `dyncompute.evaluation`'s held-out evaluator."""
     kind = _query("train.objective", "gaussian")
-    data = heldout_dataset(name, notes)
-    n = min(settings.heldout_images, len(data))
-    items = [data[i] for i in range(n)]
-    x0, y = torch.stack([it["x"] for it in items]), torch.as_tensor([int(it["y"]) for it in items])
-    device = next(model.parameters()).device
-    x0, y = x0.to(device), y.to(device)
     objective = make_objective(kind, **({"learn_sigma": model.learn_sigma} if kind == "gaussian" else {}))
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(settings.seed)).to(device)
-    model.eval()
-    total = 0.0
-    for t in fixed_timesteps(objective, settings.heldout_timesteps):
-        tt = torch.full((n,), t, device=device, dtype=torch.long if isinstance(t, int) else torch.float32)
-        terms = objective.training_losses(lambda x, s, **kw: model(x, s, **kw, **budget), x0, tt,
-                                          model_kwargs={"y": y}, noise=noise)
-        total += float(terms["mse"].mean())
-    return total / settings.heldout_timesteps
-
-
-def fixed_timesteps(objective, k: int) -> list:
-    """k evenly spaced timesteps: integers over the Gaussian chain, fractions inside (0, 1) for flows."""
-    steps = getattr(objective, "num_timesteps", None)
-    if steps:
-        return [round(v) for v in torch.linspace(0, steps - 1, k).tolist()]
-    return [(i + 0.5) / k for i in range(k)]
-
-
-def heldout_dataset(name: str, notes: list):
-    """The training dataset at another seed when it is procedural (disjoint images), else itself."""
-    cls = DATASETS.get(name)
-    data = DATASETS.build(name)
-    if "seed" in inspect.signature(cls).parameters and hasattr(data, "seed"):
-        return DATASETS.build(name, seed=data.seed + 1)  # items hash (seed, index): disjoint from training
-    notes.append(f"dataset {name!r} has no seed: held-out MSE is measured on its first images (training data)")
-    return data
+    k = settings.heldout_timesteps
+    timesteps = [round(v) for v in torch.linspace(0, NUM_TIMESTEPS - 1, k).tolist()]
+    evaluator = create_heldout_evaluator(model, objective, timesteps, settings.seed, model_kwargs=budget)
+    data = heldout_dataset(dataset, settings.heldout_images)
+    held = evaluate_heldout(evaluator, model, heldout_loader(data, batch_size=settings.heldout_images))
+    out = {"heldout_denoise_mse": sum(held[f"denoising_mse_t{t}"] for t in timesteps) / k}
+    auroc = [held[f"router_auroc_t{t}"] for t in timesteps if f"router_auroc_t{t}" in held]
+    if auroc:
+        out["router_auroc"] = sum(auroc) / len(auroc)
+    return out
 
 
 def _query(key: str, default):
