@@ -139,7 +139,8 @@ def _match(shape: DiTShape, target: str, value: float, by: str) -> Match:
 
 def match_dit(base: DiTShape, target: str, value: float, by: str = "auto", tol: float = 0.02) -> Match:
     """``by="depth"``, ``"width"`` (at ``base.depth``) or ``"auto"``: the depth, and when no depth is
-    within ``tol``, the width at the closest depth or its neighbour on the target's side."""
+    within ``tol``, the closest of the widths at the base depth, at the closest depth and at its
+    neighbour on the target's side (small models move ~10% per width step of 4, so one depth may miss)."""
     if target not in ("macs", "params"):
         raise ValueError(f"target must be 'macs' (iso-FLOP) or 'params' (iso-param), got {target!r}")
     if by not in ("depth", "width", "auto"):
@@ -147,9 +148,10 @@ def match_dit(base: DiTShape, target: str, value: float, by: str = "auto", tol: 
     if by == "width":
         return match_width(base, target, value)
     m = match_depth(base, target, value)
-    if by == "auto" and abs(m.error) > tol:  # width at the depths on either side of the target
+    if by == "auto" and abs(m.error) > tol:
         other = max(1, m.shape.depth + (1 if m.error < 0 else -1))
-        tries = [match_width(replace(m.shape, depth=d), target, value) for d in (m.shape.depth, other)]
+        depths = dict.fromkeys((base.depth, m.shape.depth, other))  # ordered: ties go to the base depth
+        tries = [match_width(replace(base, depth=d), target, value) for d in depths]
         m = min([m, *tries], key=lambda c: abs(c.error))
     return m
 

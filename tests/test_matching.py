@@ -34,6 +34,11 @@ def test_match_width_lands_within_two_percent():
         m = matching.match_dit(base, target, value, by="auto")
         assert abs(m.error) <= 0.02, m
         assert m.shape.hidden_size % 4 == 0 and m.shape.hidden_size % m.shape.num_heads == 0
+    quickstart = matching.DiTShape(hidden_size=64, depth=4, num_heads=4, input_size=32, in_channels=3,
+                                   num_classes=10)
+    value = 1.005 * matching.dit_cost(replace(quickstart, hidden_size=80, num_heads=5))[0]
+    m = matching.match_dit(quickstart, "macs", value, by="auto")  # no depth, only a width comes within 2%
+    assert abs(m.error) <= 0.02 and abs(matching.match_dit(quickstart, "macs", value, by="depth").error) > 0.02, m
     assert matching.heads_for(768, 64) == 12 and matching.heads_for(760, 64) == 10
     with pytest.raises(ValueError):
         matching.match_dit(BASE, "gflops", target)
