@@ -143,8 +143,8 @@ def training_summary(run: Path) -> dict:
 
 def load_trained(run: Path):
     """The trained run's EMA weights in the model the active gin config builds (reducers attached)."""
-    from ..engine import latest_checkpoint  # (moving to dyncompute.runs)
     from ..model import DiffusionTransformer
+    from ..runs import latest_checkpoint
 
     ckpt = latest_checkpoint(run)
     if ckpt is None:
@@ -158,7 +158,7 @@ def load_trained(run: Path):
 
 
 def _device() -> torch.device:
-    from ..engine import resolve_device  # (moving to dyncompute.runs)
+    from ..runs import resolve_device
 
     return resolve_device("auto")
 

@@ -22,8 +22,14 @@ import gin
 import torch
 
 from ..diffusion import make_objective
-from ..evaluation.heldout import (NUM_TIMESTEPS, SECOND_SEED, create_heldout_evaluator, evaluate_heldout,
-                                  heldout_dataset, heldout_loader)
+from ..evaluation.heldout import (
+    NUM_TIMESTEPS,
+    SECOND_SEED,
+    create_heldout_evaluator,
+    evaluate_heldout,
+    heldout_dataset,
+    heldout_loader,
+)
 from ..evaluation.metrics import quality
 from ..registry import FEATURE_EXTRACTORS
 

@@ -153,6 +153,7 @@ class GridProgressBar(ProgressBar):
         super().__init__(persist=True, desc=f"sweep {name}",
                          bar_format="{desc}{n_fmt}/{total_fmt} cells done{postfix} |{bar:20}| [{elapsed}<{remaining}]")
         self.scheduler = scheduler
+        self._shown: dict | None = None
 
     def _reset(self, pbar_total: int | None) -> None:
         self.pbar = self.pbar_cls(total=pbar_total, leave=self.persist, bar_format=self.bar_format, **self.tqdm_kwargs)
@@ -168,9 +169,15 @@ class GridProgressBar(ProgressBar):
         return {"running": c["running"], "failed": c["failed"]}
 
     def refresh(self) -> None:
-        if self.pbar is not None:
-            self.pbar.set_postfix(self._postfix(), refresh=False)
-            self.pbar.refresh()
+        """Redraw the line; into a log file (no terminal) only when the counts change."""
+        if self.pbar is None:
+            return
+        postfix = self._postfix()
+        if not sys.stderr.isatty() and postfix == self._shown:
+            return
+        self._shown = postfix
+        self.pbar.set_postfix(postfix, refresh=False)
+        self.pbar.refresh()
 
 
 def create_grid_engine(scheduler: Scheduler, name: str, progress: bool = True) -> Engine:
