@@ -339,3 +339,38 @@ def test_failed_training_fails_its_other_cells_without_running_them(smoke_run, t
     assert summary["failed"] == 2 and len(calls) == 1  # trained once, failed once; its sibling never ran
     sibling = json.loads((cell_dir(copy, cells[1].cell_id) / "error.json").read_text())
     assert "its training failed" in sibling["error"] and "out of memory" in sibling["error"]
+
+
+# --------------------------------------------------------------------------- a cell's metrics
+
+
+def test_cell_quality_metrics_rank_real_images_above_noise(tmp_path, monkeypatch):
+    """evaluate_cell measures fid_shapes / is_shapes / cas through dyncompute.evaluation: held-out real images
+    of the dataset score better than noise, and too few samples for FID are noted, not faked."""
+    import shutil
+
+    import torch
+    from conftest import REFERENCE
+
+    from dyncompute.data.procedural import ProceduralShapes
+    from dyncompute.model import ModelConfig
+    from dyncompute.sampling import SampleResult
+    from dyncompute.sweeps.evaluate import CellSettings, evaluate_cell
+
+    cached = next(REFERENCE.glob("shapes_classifier-*.pt"))
+    shutil.copy(cached, tmp_path / cached.name)
+    monkeypatch.setenv("DYNCOMPUTE_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    model = ModelConfig(input_size=32, in_channels=3, num_classes=10, hidden_size=32, depth=1, num_heads=2,
+                        tokenizer_kwargs={"patch_size": 4}).build().eval()
+    settings = CellSettings(heldout_images=8, heldout_timesteps=2)
+    data = ProceduralShapes(size=32, channels=3, num_classes=10, length=80, seed=4242)
+    items = [data[i] for i in range(80)]
+    real = SampleResult(torch.stack([it["x"] for it in items]), torch.as_tensor([int(it["y"]) for it in items]), 0, [])
+    noise = SampleResult(torch.rand(80, 3, 32, 32) * 2 - 1, real.labels, 0, [])
+    good, bad = (evaluate_cell(model, s, settings, {}) for s in (real, noise))
+    assert good.goals["fid_shapes"] == "min" and good.goals["cas"] == "max" and good.goals["is_shapes"] == "max"
+    assert good.metrics["fid_shapes"] < bad.metrics["fid_shapes"] and good.metrics["cas"] > 0.9 > bad.metrics["cas"]
+    assert good.metrics["heldout_denoise_mse"] == bad.metrics["heldout_denoise_mse"] > 0  # a model metric
+    few = evaluate_cell(model, SampleResult(real.images[:16], real.labels[:16], 0, []), settings, {})
+    assert "fid_shapes" not in few.metrics and any("fid_shapes: not measured" in n for n in few.notes)
