@@ -14,7 +14,8 @@ the lengths, and new lengths do not recompile it.
 
 ``log_size`` (optional, one value per token) adds a bias to every key's logit: ToMe's proportional
 attention, softmax(q k^T / sqrt(d) + log s), where s is how many tokens a merged key stands for.
-The bias is elementwise (0 MACs); the biased path is plain SDPA (flash-attn's varlen kernel takes no bias).
+The bias is elementwise (0 MACs); the biased path is grouped SDPA with the bias as a mask on every device
+(flash-attn's varlen kernel and the nested-tensor kernels take no bias).
 """
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: 
                      key_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Attention within each sample of packed q, k, v (T, H, d); ``key_bias`` (T,) is added to every
     key's logit; returns (T, H, d)."""
-    if key_bias is not None:
-        return biased_sdpa(q, k, v, tokens, key_bias)
+    if key_bias is not None:  # grouped on every device: flash-attn's and the nested kernels take no bias
+        return grouped_sdpa(q, k, v, tokens.lengths, key_bias)
     if use_flash(q):
         cu = tokens.cu_seqlens.to(torch.int32)
         return flash_attn_varlen_func(q, k, v, cu, cu, tokens.max_len, tokens.max_len)
@@ -52,18 +53,6 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: 
     if q.is_cuda:
         return nested_sdpa(q, k, v, tokens)
     return grouped_sdpa(q, k, v, tokens.lengths)
-
-
-def biased_sdpa(q, k, v, tokens: Tokens, key_bias: torch.Tensor) -> torch.Tensor:
-    """Per-sample SDPA with an additive per-key bias (ToMe's proportional attention)."""
-    lengths = list(tokens.lengths)
-    outs = []
-    biases = torch.split(key_bias.to(q.dtype), lengths)
-    for qs, ks, vs, bs in zip(*(torch.split(t, lengths) for t in (q, k, v)), biases):
-        o = F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1),
-                                           attn_mask=bs.view(1, 1, -1))
-        outs.append(o.transpose(0, 1))
-    return torch.cat(outs)
 
 
 def nested_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: Tokens) -> torch.Tensor:
@@ -115,10 +104,11 @@ def _token_order(lengths: list[int], perm: torch.Tensor, device) -> tuple[torch.
 
 
 def _calls(x: torch.Tensor, calls) -> list[torch.Tensor]:
-    """Views of packed (T, H, d) as (n, H, L, d) per call."""
+    """Views of packed (T, H, d) as (n, H, L, d) per call; of a per-token (T,) bias as (n, 1, 1, L)."""
     out, s = [], 0
     for count, n in calls:
-        out.append(x[s:s + count * n].unflatten(0, (count, n)).transpose(1, 2))
+        part = x[s:s + count * n].unflatten(0, (count, n))
+        out.append(part.transpose(1, 2) if x.dim() == 3 else part[:, None, None, :])
         s += count * n
     return out
 
@@ -127,15 +117,19 @@ def _pack(outs: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([o.transpose(1, 2).flatten(0, 1) for o in outs])
 
 
-def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths) -> torch.Tensor:
-    """SDPA within each sample of packed q, k, v (T, H, d), one call per group of equal lengths."""
+def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths,
+                 key_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """SDPA within each sample of packed q, k, v (T, H, d), one call per group of equal lengths;
+    ``key_bias`` (T,) is added to every key's logit."""
     lengths = [int(n) for n in lengths]
     perm, calls = sdpa_plan(lengths)
     if perm is not None:
         index, inverse = _token_order(lengths, perm, q.device)
         q, k, v = (t.index_select(0, index) for t in (q, k, v))
-    outs = [F.scaled_dot_product_attention(a, b, c) for a, b, c in zip(_calls(q, calls), _calls(k, calls),
-                                                                       _calls(v, calls))]
+        key_bias = None if key_bias is None else key_bias.index_select(0, index)
+    masks = [None] * len(calls) if key_bias is None else _calls(key_bias.to(q.dtype), calls)
+    outs = [F.scaled_dot_product_attention(a, b, c, attn_mask=m)
+            for a, b, c, m in zip(_calls(q, calls), _calls(k, calls), _calls(v, calls), masks)]
     out = _pack(outs)
     return out if perm is None else out.index_select(0, inverse)
 

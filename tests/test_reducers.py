@@ -209,6 +209,15 @@ def test_proportional_attention_bias():
             alone = Tokens.from_lengths(tokens.x[lo:hi], [hi - lo], tokens.pos[lo:hi])
             assert torch.allclose(attn(tokens.x[lo:hi][None], alone, log_size=bias[lo:hi]), packed[lo:hi][None],
                                   atol=1e-5)
+        lengths = [3, 5] * 6  # alternating lengths: the grouped path permutes samples (and biases) together
+        many = packed_tokens(lengths, width=16)
+        bias = torch.rand(len(many.x)).log()
+        packed, lo = attn(many.x, many, log_size=bias), 0
+        for n in lengths:
+            alone = Tokens.from_lengths(many.x[lo:lo + n], [n], many.pos[lo:lo + n])
+            assert torch.allclose(attn(many.x[lo:lo + n][None], alone, log_size=bias[lo:lo + n])[0],
+                                  packed[lo:lo + n], atol=1e-5)
+            lo += n
         # a key of size s acts like s copies of itself
         k = Tokens.from_lengths(tokens.x[:5], [5], tokens.pos[:5])
         dup = Tokens.from_lengths(torch.cat([tokens.x[:5], tokens.x[4:5]]), [6], tokens.pos[:6])
