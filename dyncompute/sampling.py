@@ -119,12 +119,14 @@ def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def save_samples(images: torch.Tensor, out_dir: str | Path, name: str = "samples", nrow: int = 8) -> dict:
-    """Write ``{name}.png`` (grid) and ``{name}.npz`` (``arr_0``: uint8 NHWC) atomically."""
+def save_samples(images: torch.Tensor, out_dir: str | Path, name: str = "samples", nrow: int = 8,
+                 grid_images: int | None = None) -> dict:
+    """Write ``{name}.npz`` (``arr_0``: uint8 NHWC, every image) and ``{name}.png`` (a grid of the first
+    ``grid_images``, default all) atomically."""
     out_dir = Path(out_dir)
     arr = to_uint8_nhwc(images)
     npz = atomic_write(out_dir / f"{name}.npz", lambda tmp: _savez(tmp, arr))
-    grid = make_grid(torch.from_numpy(arr).permute(0, 3, 1, 2), nrow=nrow, padding=2, pad_value=255)
+    grid = make_grid(torch.from_numpy(arr[:grid_images]).permute(0, 3, 1, 2), nrow=nrow, padding=2, pad_value=255)
     img = Image.fromarray(grid.permute(1, 2, 0).numpy()).resize(
         (grid.shape[2] * 4, grid.shape[1] * 4), Image.NEAREST)
     png = atomic_write(out_dir / f"{name}.png", lambda tmp: img.save(tmp, format="PNG"))

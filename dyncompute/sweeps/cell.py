@@ -208,7 +208,7 @@ def _write_figures(model, samples, cdir: Path, root: Path, run: Path, settings: 
     def rel(p) -> str:
         return Path(p).resolve().relative_to(root.resolve()).as_posix()
 
-    files = {k: rel(v) for k, v in save_samples(samples.images, cdir, name="samples").items()}
+    files = {k: rel(v) for k, v in save_samples(samples.images, cdir, name="samples", grid_images=32).items()}
     if model.tokenizer.dynamic_tokens:  # data-dependent tokens: where they go along a trajectory
         views = tokenizer_views(run, settings, budget)
         files.update(boundary_maps=rel(views["boundary_maps"]), kept_vs_timestep=rel(views["table"]))

@@ -90,13 +90,19 @@ def pareto_front(x: np.ndarray, y: np.ndarray, goal: str) -> np.ndarray:
 
 def plot_quality_vs_compute(agg: pd.DataFrame, goals: dict, axes_names: list[str]):
     metrics = [m for m in goals if m in agg]
-    fig, axs = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.2), squeeze=False)
+    cols = min(3, len(metrics))
+    rows = -(-len(metrics) // cols)
+    fig, axs = plt.subplots(rows, cols, figsize=(5.4 * cols, 4.0 * rows), squeeze=False)
+    for ax in axs.flat[len(metrics):]:
+        ax.set_visible(False)
     colour_axis = axes_names[0] if axes_names else "config"
     marker_axis = axes_names[1] if len(axes_names) > 1 else None
     colours = {v: f"C{i}" for i, v in enumerate(dict.fromkeys(agg[colour_axis].astype(str)))}
     markers = {v: m for v, m in zip(dict.fromkeys(agg[marker_axis].astype(str)), "os^Dv<>pPX*h")} if marker_axis else {}
-    for ax, metric in zip(axs[0], metrics):
+    for ax, metric in zip(axs.flat, metrics):
         x, y = agg[COMPUTE].to_numpy(float), agg[metric].to_numpy(float)
+        if f"{metric}_real" in agg:  # the metric on real data: what a perfect model would score
+            ax.axhline(float(agg[f"{metric}_real"].mean()), color="grey", ls=":", lw=1.2)
         yerr = agg.get(f"{metric}_std")
         for i, row in agg.iterrows():
             ax.errorbar(x[i], y[i], yerr=None if yerr is None or np.isnan(yerr[i]) else yerr[i], ls="none",
@@ -114,9 +120,11 @@ def plot_quality_vs_compute(agg: pd.DataFrame, goals: dict, axes_names: list[str
     handles = [plt.Line2D([], [], color=c, marker="o", ls="none", label=v) for v, c in colours.items()]
     handles += [plt.Line2D([], [], color="grey", marker=m, ls="none", label=v) for v, m in markers.items()]
     handles.append(plt.Line2D([], [], color="k", ls="--", marker="o", mfc="none", ms=10, label="Pareto front"))
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False,
-               bbox_to_anchor=(0.5, -0.02 - 0.04 * (len(handles) // 7)))
-    fig.tight_layout(rect=(0, 0.08 + 0.04 * (len(handles) // 7), 1, 1))
+    if any(f"{m}_real" in agg for m in metrics):
+        handles.append(plt.Line2D([], [], color="grey", ls=":", label="real data (held-out images)"))
+    legend_rows = -(-len(handles) // 6)
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.035 * legend_rows / rows, 1, 1))
     return fig
 
 
@@ -200,7 +208,8 @@ def _result_sections(root: Path, out: Path, df: pd.DataFrame, goals: dict, resul
     figdir = out / "figures"
     metrics = [m for m in goals if m in df]
     labels = list(dict.fromkeys(k for r in results for k in r["labels"] if k != SEED_AXIS))
-    agg = aggregate(df, metrics + [c for c in SUMMARY_COMPUTE if c in df], labels)
+    floors = [f"{m}_real" for m in metrics if f"{m}_real" in df]  # real-data references of the metrics
+    agg = aggregate(df, metrics + floors + [c for c in SUMMARY_COMPUTE if c in df], labels)
     sections = [("Results (mean ± std over seeds)", [_summary_table(agg, metrics), _units_note()])]
     if metrics and COMPUTE in agg:
         save_figure(plot_quality_vs_compute(agg, goals, axes_names), figdir / "quality_vs_compute.png")
