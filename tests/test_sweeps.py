@@ -106,18 +106,41 @@ def test_bad_sweep_files_fail_before_any_cell(case, tmp_path, capsys):
     assert not out.exists()  # nothing ran, nothing was written
 
 
-def test_reducer_sweep_explains_what_it_waits_for(tmp_path, capsys):
-    """reducers.gin declares the reducer plugins it needs; until they exist the check says so."""
-    from dyncompute.registry import REDUCERS
+def test_reducer_sweep_calibrates_teacache_for_its_cells_only():
+    """reducers.gin: TeaCache cells carry their calibration (part of their identity); the others do not."""
+    sweep = load_sweep(ROOT / "experiments" / "sweeps" / "reducers.gin")
+    tea = [c for c in sweep.cells if c.labels["reducer"].startswith("TeaCache")]
+    assert tea and all([r for r, _ in c.calibrate] == ["teacache"] for c in tea)
+    assert all(not c.calibrate for c in sweep.cells if c not in tea)
 
-    missing = [n for n in ("token_merging", "fora", "teacache", "taylorseer") if n not in REDUCERS.names()]
-    if not missing:  # the plugins are installed: the grid expands like any other
-        assert load_sweep(ROOT / "experiments" / "sweeps" / "reducers.gin").cells
-        return
-    rc = main(["sweep", str(ROOT / "experiments" / "sweeps" / "reducers.gin"), "--out", str(tmp_path / "o"),
-               "--dry-run"])
-    err = capsys.readouterr().err
-    assert rc == 2 and "needs plugins that are not installed" in err and f"reducers.{missing[0]}" in err
+
+def test_calibrated_reducer_cells_fit_it_once_per_trained_run(tmp_path):
+    """sweep.calibrate: a TeaCache cell calibrates on its trained run (cached there) and samples with it."""
+    path = tmp_path / "tea.gin"
+    path.write_text(f"""
+sweep.base = ['{ROOT / "experiments" / "quickstart" / "dit.gin"}']
+sweep.calibrate = {{'teacache': {{'sampler': 'ddim', 'num_steps': 8, 'num_samples': 2}}}}
+sweep.axes = {{'reducer': {{'none': [], 'TeaCache': ["DiffusionTransformer.reducers = ['teacache']",
+                                                    'reducers.teacache.threshold = 0.5']}}}}
+sweep.bindings = ['generate.sampler = "ddim"', 'generate.num_steps = 8']
+""")
+    sweep = load_sweep(path, TINY)
+    run_sweep(path, tmp_path / "out", ExecutorConfig("debug"), progress=False, sweep=sweep, threads=1, report=False)
+    rows = pd.read_csv(tmp_path / "out" / "results.csv").set_index("reducer")
+    assert (rows["NFE"] == 8).all() and rows.loc["TeaCache", "backbone_evaluations"] < 8
+    fitted = list((tmp_path / "out" / "runs").glob("*/calibration/teacache-*.gin"))
+    assert len(fitted) == 1
+    tea = next(c for c in sweep.cells if c.calibrate)
+    used = (cell_dir(tmp_path / "out", tea.cell_id) / "operative_config.gin").read_text()
+    assert "teacache.coefficients" in used and "teacache.fingerprint" in used
+
+
+def test_sweep_calibrate_names_a_registered_reducer(tmp_path, capsys):
+    path = tmp_path / "bad.gin"
+    path.write_text(f"sweep.base = ['{ROOT / 'experiments' / 'quickstart' / 'dit.gin'}']\n"
+                    "sweep.calibrate = {'teacach': {}}\nsweep.axes = {'a': {'x': []}}\n")
+    assert main(["sweep", str(path), "--out", str(tmp_path / "o"), "--dry-run"]) == 2
+    assert "sweep.calibrate names reducer 'teacach'" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- running

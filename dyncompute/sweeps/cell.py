@@ -67,7 +67,8 @@ def prepare(root: str | Path, sweep_name: str, cell: Cell, threads: int | None =
     spec = {"sweep": sweep_name, "cell_id": cell.cell_id, "train_id": cell.train_id, "labels": cell.labels,
             "label": cell.label, "training": list(cell.training), "sampling": list(cell.sampling),
             "reference": list(cell.reference), "run_dir": f"{RUNS}/{cell.train_id}", "threads": threads,
-            "nproc_per_node": nproc_per_node, "backend": backend}
+            "nproc_per_node": nproc_per_node, "backend": backend,
+            "calibrate": {r: json.loads(a) for r, a in cell.calibrate}}
     write_json(spec, cdir / "cell.json")
     atomic_write_text(cell.config, cdir / "config.gin")
     if not (run / "training.gin").is_file():
@@ -170,7 +171,7 @@ def _evaluate(cdir: Path, run: Path, spec: dict, root: Path) -> dict:
     with scoped([cdir / "config.gin"]):
         settings = CellSettings()
     reference = reference_samples(run, spec["reference"], settings) if spec["reference"] else None
-    with scoped([cdir / "config.gin"]):
+    with scoped([cdir / "config.gin", *calibrations(run, spec.get("calibrate", {}))]):
         model = load_trained(run)
         budget = sampling_budget(model)
         timed = timed_samples(model, settings.num_samples, settings.seed)
@@ -182,6 +183,19 @@ def _evaluate(cdir: Path, run: Path, spec: dict, root: Path) -> dict:
             "metric_descriptions": evaluation.descriptions, "compute": compute["columns"],
             "compute_details": compute["details"], "files": files, "budget": budget,
             "notes": evaluation.notes + compute["details"]["notes"]}
+
+
+def calibrations(run: Path, wanted: dict) -> list[Path]:
+    """The gin files of the reducers calibrated on the trained run (``sweep.calibrate``); cached per run."""
+    from ..registry import REDUCERS
+
+    files = []
+    for name, kwargs in wanted.items():
+        path = run / "calibration" / f"{name}-{identity(json.dumps(kwargs, sort_keys=True))}.gin"
+        if not path.is_file():
+            REDUCERS.get(name).calibrate(str(run), out=str(path), **kwargs)
+        files.append(path)
+    return files
 
 
 def sampling_budget(model) -> dict:

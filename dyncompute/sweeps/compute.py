@@ -55,6 +55,8 @@ def count_compute(model, timed: TimedSamples, count_images: int, seed: int) -> d
         "per_image_GMACs": traj.useful_macs_per_image / 1e9,
         "per_image_executed_GMACs": traj.executed_macs_per_image / 1e9,
         "NFE": traj.nfe,
+        "backbone_evaluations": traj.nfe if traj.backbone_evaluations is None else traj.backbone_evaluations,
+        "per_image_backbone_GMACs": traj.by_component.get("backbone", 0.0) / 1e9,
         "per_step_GFLOPs": traj.flops_per_image / traj.nfe / 1e9,
         "backbone_tokens_per_step": float(traj.steps["tokens_mean_cond"].mean()),
         "params_M": count_parameters(model) / 1e6,

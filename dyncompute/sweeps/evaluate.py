@@ -1,16 +1,19 @@
 """A cell's quality metrics: the one place the sweep asks "how good is this model and sampling setup?".
 
 `evaluate_cell` is the seam to the evaluation module: it returns metric values with their goals
-("min" or "max"), and reports plot every metric that has a goal, so a new metric (``fid_shapes``,
-``is_shapes``, ``cas``, router diagnostics) appears in results.csv and the Pareto figures by being
-returned here. Today it measures what needs no trained feature extractor:
+("min" or "max"), and reports plot every metric that has a goal, so a new metric appears in
+results.csv and the Pareto figures by being returned here. It measures:
 
 - ``heldout_denoise_mse``: the objective's noise-prediction MSE on held-out images (never seen in
   training) at fixed, evenly spaced timesteps with fixed noise; the cell's sampling budget applies.
   Compares models, not samplers.
 - ``psnr_vs_reference_dB``: mean per-image PSNR (peak-to-peak 2 on [-1, 1] pixels) of the cell's
   samples against reference samples of the same trained model from the same noise and labels
-  (``sweep.reference``, e.g. DDIM-50 without reducers). Compares samplers and reducers of one model.
+  (``sweep.reference``, e.g. DDIM-50 without reducers). Compares samplers and reducers of one model;
+  ``mse_vs_reference`` is the mean squared difference itself.
+- with ``CellSettings.quality_features`` (e.g. ``['shapes_classifier']``): the evaluation module's sample
+  quality of the cell's samples against as many held-out real images (``fid_shapes``, ``is_shapes``,
+  ``cas``, and the real-data references ``fid_shapes_real``, ``is_shapes_real``, ``cas_real``).
 """
 from __future__ import annotations
 
@@ -21,15 +24,21 @@ import gin
 import torch
 
 from ..diffusion import make_objective
-from ..registry import DATASETS
+from ..registry import DATASETS, FEATURE_EXTRACTORS
 
-GOALS = {"heldout_denoise_mse": "min", "psnr_vs_reference_dB": "max"}
+GOALS = {"heldout_denoise_mse": "min", "psnr_vs_reference_dB": "max", "mse_vs_reference": "min",
+         "fid_shapes": "min", "is_shapes": "max", "cas": "max", "fid": "min", "is": "max"}
 DESCRIPTIONS = {
     "heldout_denoise_mse": "noise-prediction MSE on held-out images at fixed, evenly spaced timesteps with fixed "
                            "noise (the cell's sampling budget applies); compares models, not samplers",
     "psnr_vs_reference_dB": "mean per-image PSNR of the cell's samples against the same trained model's reference "
                             "samples (sweep.reference) from the same noise and labels; compares samplers and "
                             "reducers of one model",
+    "mse_vs_reference": "mean squared difference of the cell's samples to the reference samples (pixels in [-1, 1])",
+    "fid_shapes": "FID on the shapes classifier's pool features against as many held-out real images (not "
+                  "comparable with Inception FIDs); fid_shapes_real in results.csv: two disjoint real sets",
+    "is_shapes": "Inception Score on the shapes classifier's class probabilities (is_shapes_real: real images)",
+    "cas": "classification accuracy score: the shapes classifier's accuracy on the samples' conditioning labels",
 }
 
 
@@ -45,6 +54,7 @@ class CellSettings:
     heldout_timesteps: int = 8
     views_samples: int = 8  # boundary maps (data-dependent tokenizers only)
     views_steps: int = 25
+    quality_features: tuple = ()  # feature extractors for sample quality (fid_shapes, ...); () skips it
 
 
 @dataclass
@@ -61,7 +71,26 @@ def evaluate_cell(model, samples, settings: CellSettings, budget: dict, referenc
     metrics = {"heldout_denoise_mse": heldout_denoise_mse(model, settings, budget, notes)}
     if reference is not None:
         metrics["psnr_vs_reference_dB"] = psnr(samples.images, reference)
-    return Evaluation(metrics, {k: GOALS[k] for k in metrics}, {k: DESCRIPTIONS[k] for k in metrics}, notes)
+        metrics["mse_vs_reference"] = float((samples.images.float() - reference.float()).pow(2).mean())
+    if settings.quality_features:
+        metrics.update(sample_quality(samples, settings.quality_features))
+    return Evaluation(metrics, {k: GOALS[k] for k in metrics if k in GOALS},
+                      {k: DESCRIPTIONS[k] for k in metrics if k in DESCRIPTIONS}, notes)
+
+
+def sample_quality(samples, features) -> dict[str, float]:
+    """The evaluation module's metrics of ``samples`` against held-out real images of the cell's dataset."""
+    from ..evaluation.heldout import SECOND_SEED
+    from ..evaluation.heldout import heldout_dataset as real_dataset
+    from ..evaluation.metrics import quality
+
+    n = len(samples.images)
+    reference = real_dataset(_query("train.dataset", "procedural"), n)
+    second = real_dataset(_query("train.dataset", "procedural"), n, SECOND_SEED)
+    extractors = [FEATURE_EXTRACTORS.build(name, dataset=reference) for name in features]
+    real = [torch.stack([reference[i][k] for i in range(n)]) for k in ("x", "y")]
+    real_b = torch.stack([second[i]["x"] for i in range(n)])
+    return quality(extractors, samples.images.cpu(), samples.labels.cpu(), real[0], real[1], real_b)
 
 
 def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
