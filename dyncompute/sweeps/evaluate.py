@@ -94,10 +94,10 @@ def sample_quality(samples, features) -> dict[str, float]:
 
 
 def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean per-image PSNR in dB of [-1, 1] images (peak-to-peak 2), capped where they are identical."""
+    """Mean per-image PSNR in dB of [-1, 1] images (peak-to-peak 2); inf when they are identical."""
     if images.shape != reference.shape:
         raise ValueError(f"samples {tuple(images.shape)} and reference {tuple(reference.shape)} differ in shape")
-    mse = (images.float() - reference.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    mse = (images.float() - reference.float()).pow(2).flatten(1).mean(1)
     return float((10 * torch.log10(4.0 / mse)).mean())
 
 

@@ -88,36 +88,50 @@ def pareto_front(x: np.ndarray, y: np.ndarray, goal: str) -> np.ndarray:
     return np.array(front, dtype=int)
 
 
-def plot_quality_vs_compute(agg: pd.DataFrame, goals: dict, axes_names: list[str]):
+def plot_quality_vs_compute(agg: pd.DataFrame, goals: dict, axes_names: list[str], rows_by: str | None = None):
+    """One panel per metric; with ``rows_by``, one row of panels (and Pareto fronts) per value of that axis."""
     metrics = [m for m in goals if m in agg]
-    fig, axs = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.2), squeeze=False)
-    colour_axis = axes_names[0] if axes_names else "config"
-    marker_axis = axes_names[1] if len(axes_names) > 1 else None
-    colours = {v: f"C{i}" for i, v in enumerate(dict.fromkeys(agg[colour_axis].astype(str)))}
+    rows = list(dict.fromkeys(agg[rows_by].astype(str))) if rows_by else [None]
+    fig, axs = plt.subplots(len(rows), len(metrics), figsize=(4.6 * len(metrics), 3.9 * len(rows)), squeeze=False)
+    styled = [a for a in axes_names if a != rows_by] or ["config"]
+    colour_axis, marker_axis = styled[0], styled[1] if len(styled) > 1 else None
+    colours = {v: f"C{i % 10}" for i, v in enumerate(dict.fromkeys(agg[colour_axis].astype(str)))}
     markers = {v: m for v, m in zip(dict.fromkeys(agg[marker_axis].astype(str)), "os^Dv<>pPX*h")} if marker_axis else {}
-    for ax, metric in zip(axs[0], metrics):
-        x, y = agg[COMPUTE].to_numpy(float), agg[metric].to_numpy(float)
-        yerr = agg.get(f"{metric}_std")
-        for i, row in agg.iterrows():
-            ax.errorbar(x[i], y[i], yerr=None if yerr is None or np.isnan(yerr[i]) else yerr[i], ls="none",
-                        marker=markers.get(str(row[marker_axis]), "o") if marker_axis else "o", ms=7,
-                        color=colours[str(row[colour_axis])], capsize=3, alpha=0.9)
-        front = pareto_front(x, y, goals[metric])
-        if len(front):
-            ax.plot(x[front], y[front], color="k", lw=1, ls="--", drawstyle="steps-post", zorder=0)
-            ax.scatter(x[front], y[front], s=190, facecolors="none", edgecolors="k", lw=1.2)
-        ax.set_xlabel("per-image TFLOPs over the sampling trajectory (FLOPs = 2 x MACs)")
-        ax.set_ylabel(f"{metric} ({'lower' if goals[metric] == 'min' else 'higher'} is better)")
-        if x.max() > 5 * x.min() > 0:
-            ax.set_xscale("log")
-        ax.grid(alpha=0.3)
+    for r, row in enumerate(rows):
+        part = agg if row is None else agg[agg[rows_by].astype(str) == row].reset_index(drop=True)
+        for ax, metric in zip(axs[r], metrics):
+            _panel(ax, part, metric, goals[metric], colours, colour_axis, markers, marker_axis)
+            if row is not None:
+                ax.set_title(f"{row}: {metric}", fontsize=10)
     handles = [plt.Line2D([], [], color=c, marker="o", ls="none", label=v) for v, c in colours.items()]
     handles += [plt.Line2D([], [], color="grey", marker=m, ls="none", label=v) for v, m in markers.items()]
     handles.append(plt.Line2D([], [], color="k", ls="--", marker="o", mfc="none", ms=10, label="Pareto front"))
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False,
-               bbox_to_anchor=(0.5, -0.02 - 0.04 * (len(handles) // 7)))
-    fig.tight_layout(rect=(0, 0.08 + 0.04 * (len(handles) // 7), 1, 1))
+    per_line = 6 if len(metrics) < 4 else 10
+    lines = (len(handles) - 1) // per_line + 1
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), per_line), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.035 * lines * 2 / len(rows), 1, 1))
     return fig
+
+
+def _panel(ax, agg: pd.DataFrame, metric: str, goal: str, colours: dict, colour_axis: str, markers: dict,
+           marker_axis: str | None) -> None:
+    x, y = agg[COMPUTE].to_numpy(float), agg[metric].to_numpy(float)
+    yerr = agg.get(f"{metric}_std")
+    shown = np.isfinite(x) & np.isfinite(y)  # e.g. PSNR of the reference configuration itself (identical: inf)
+    for i, row in agg.iterrows():
+        if shown[i]:
+            ax.errorbar(x[i], y[i], yerr=None if yerr is None or np.isnan(yerr[i]) else yerr[i], ls="none",
+                        marker=markers.get(str(row[marker_axis]), "o") if marker_axis else "o", ms=7,
+                        color=colours[str(row[colour_axis])], capsize=3, alpha=0.9)
+    front = pareto_front(x, y, goal)
+    if len(front):
+        ax.plot(x[front], y[front], color="k", lw=1, ls="--", drawstyle="steps-post", zorder=0)
+        ax.scatter(x[front], y[front], s=190, facecolors="none", edgecolors="k", lw=1.2)
+    ax.set_xlabel("per-image TFLOPs over the sampling trajectory (FLOPs = 2 x MACs)", fontsize=8)
+    ax.set_ylabel(f"{metric} ({'lower' if goal == 'min' else 'higher'} is better)")
+    if shown.any() and x[shown].max() > 5 * x[shown].min() > 0:
+        ax.set_xscale("log")
+    ax.grid(alpha=0.3)
 
 
 def plot_tokens_vs_timestep(results: list[dict]):
@@ -164,11 +178,11 @@ def write_report(root: str | Path, to: str | Path | None = None, figures: bool =
         return out / "results.csv"
     manifest = json.loads((root / "sweep.json").read_text()) if (root / "sweep.json").is_file() else {}
     axes_names = [a for a in manifest.get("axes", {}) if a in df]
-    sections = [("Status", [_status(manifest, results, failures)])]
+    sections = [("Status", [_status(manifest, results, failures), _reproduce(manifest, root, out)])]
     if manifest.get("axes"):
         sections.append(("Grid", [_grid_table(manifest)]))
     if results:
-        sections += _result_sections(root, out, df, goals, results, axes_names)
+        sections += _result_sections(root, out, df, goals, results, axes_names, manifest.get("panels_by"))
     if failures:
         sections.append(("Failed cells", [pd.DataFrame([{"cell": f["label"], "cell_id": f["cell_id"],
                                                          "stage": f["stage"], "error": f["error"][:300]}
@@ -187,6 +201,16 @@ def _status(manifest: dict, results: list, failures: list) -> str:
             "every cell.")
 
 
+def _reproduce(manifest: dict, root: Path, out: Path) -> str:
+    """The commands that rebuild this report from nothing (training included)."""
+    from .grid import shown_path
+
+    to = "" if out.resolve() == root.resolve() else f" --to {shown_path(out)}"
+    return (f"Reproduce: `dyncompute sweep {manifest.get('source', 'SWEEP.gin')} --out {shown_path(root)} --jobs 2` "
+            "(trains, samples and evaluates every cell; rerun to resume), then "
+            f"`dyncompute report {shown_path(root)}{to}`.")
+
+
 def _grid_table(manifest: dict) -> pd.DataFrame:
     """Every axis value and the gin bindings it adds, then what every cell adds (sweep.bindings)."""
     rows = [{"axis": axis, "value": label, "bindings": "; ".join(bindings) or "(base config)"}
@@ -196,14 +220,15 @@ def _grid_table(manifest: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _result_sections(root: Path, out: Path, df: pd.DataFrame, goals: dict, results: list, axes_names: list):
+def _result_sections(root: Path, out: Path, df: pd.DataFrame, goals: dict, results: list, axes_names: list,
+                     panels_by: str | None = None):
     figdir = out / "figures"
     metrics = [m for m in goals if m in df]
     labels = list(dict.fromkeys(k for r in results for k in r["labels"] if k != SEED_AXIS))
     agg = aggregate(df, metrics + [c for c in SUMMARY_COMPUTE if c in df], labels)
     sections = [("Results (mean ± std over seeds)", [_summary_table(agg, metrics), _units_note()])]
     if metrics and COMPUTE in agg:
-        save_figure(plot_quality_vs_compute(agg, goals, axes_names), figdir / "quality_vs_compute.png")
+        save_figure(plot_quality_vs_compute(agg, goals, axes_names, panels_by), figdir / "quality_vs_compute.png")
         figure = Figure("figures/quality_vs_compute.png", "quality vs per-image TFLOPs, one point per "
                         "configuration (mean over seeds, bars: ± std); circled: the Pareto front")
         budgets = ("Best configuration per compute budget (the Pareto front as a table: for every compute "

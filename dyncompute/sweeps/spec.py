@@ -15,6 +15,7 @@ A sweep file is ordinary gin that binds one configurable, ``sweep``::
     sweep.requires = ['reducers.token_merging']         # plugins the sweep needs (checked first)
     sweep.calibrate = {'teacache': {'num_steps': 50}}   # reducers fitted to each trained run (below)
     sweep.slurm = {'partition': 'gpu', 'gpus_per_node': 1, 'timeout_min': 600}
+    sweep.panels_by = 'model'                           # report: one row of quality panels per value of this axis
 
 Axis values and points are lists of gin bindings (``include '...'`` lines too). A cell parses the
 base files, then its axis values in axis order (or its point), then sweep.bindings (so they hold over
@@ -66,11 +67,11 @@ class SweepError(ConfigError):
 
 @gin.configurable("sweep")
 def sweep(name: str | None = None, base=(), bindings=(), axes=None, points=None, seeds=(0,), reference=(),
-          requires=(), slurm=None, calibrate=None) -> dict:
+          requires=(), slurm=None, calibrate=None, panels_by=None) -> dict:
     """The ``sweep`` configurable of a sweep file: returns what the file binds."""
     return {"name": name, "base": list(base), "bindings": list(bindings), "axes": axes or {}, "points": points or {},
             "seeds": list(seeds), "reference": list(reference), "requires": list(requires), "slurm": dict(slurm or {}),
-            "calibrate": calibrate or {}}
+            "calibrate": calibrate or {}, "panels_by": panels_by}
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ class Sweep:
     cells: list[Cell]
     slurm: dict = field(default_factory=dict)
     bindings: list[str] = field(default_factory=list)  # sweep.bindings (+ command-line extras)
+    panels_by: str | None = None  # the axis whose values get a row of quality panels each in reports
 
     @property
     def train_ids(self) -> list[str]:
@@ -129,7 +131,9 @@ def load_sweep(path: str | Path, extra_bindings=()) -> Sweep:
     axes = _check_axes(raw["axes"], raw["points"], where)
     common = raw["bindings"] + list(extra_bindings)
     cells = expand(base, common, axes, raw["points"], raw["seeds"], raw["reference"], where, calibrate)
-    return Sweep(raw["name"] or path.stem, path, base, axes, cells, raw["slurm"], common)
+    if raw["panels_by"] is not None and raw["panels_by"] not in axes:
+        raise SweepError(f"{where}: sweep.panels_by = {raw['panels_by']!r} is not an axis ({', '.join(axes)})")
+    return Sweep(raw["name"] or path.stem, path, base, axes, cells, raw["slurm"], common, raw["panels_by"])
 
 
 def _statements(path: Path):
