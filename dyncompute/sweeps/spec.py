@@ -87,6 +87,7 @@ class Cell:
     cell_id: str
     train_id: str
     calibrate: tuple[tuple[str, str], ...] = ()  # (reducer, its calibration arguments as JSON) the cell uses
+    reference_is_self: bool = False  # the cell samples exactly as the reference does: its samples are the reference
 
     @property
     def label(self) -> str:
@@ -280,10 +281,17 @@ def _cell(base, labels: dict, labelled: list[tuple[str, str]], reference: tuple,
     calibrated = tuple((r, calibrate[r]) for r in reducers if r in calibrate)
     if reference:  # the reference samples: sweep.bindings' sampling part, then sweep.reference
         reference = tuple(b for b, o in sampling_only if o == "sweep.bindings") + reference
-        _resolve(base, training + [(b, "sweep.reference") for b in reference], where, name, check_plugins=True)
+        reference_config, _ = _resolve(base, training + [(b, "sweep.reference") for b in reference], where, name,
+                                       check_plugins=True)
     return Cell(labels, tuple(b for b, _ in training), tuple(b for b, _ in sampling_only), training_config, config,
                 reference, identity(config, *reference, *(f"calibrate {r} {a}" for r, a in calibrated)),
-                identity(training_config), calibrated)
+                identity(training_config), calibrated,
+                bool(reference) and _sampling(config) == _sampling(reference_config))
+
+
+def _sampling(config: str) -> list[str]:
+    """A resolved config without CellSettings (which sample the reference too: its seed and count)."""
+    return [line for line in config.splitlines() if "CellSettings" not in line]
 
 
 def _resolve(base, labelled, where: str, name: str, check_plugins: bool = False) -> tuple[str, list[str]]:
