@@ -21,7 +21,8 @@ from .cell import CELLS, ERROR, RESULT
 from .spec import SEED_AXIS
 
 COMPUTE = "per_image_TFLOPs"
-SUMMARY_COMPUTE = [COMPUTE, "NFE", "backbone_tokens_per_step", "sampling_wall_ms_per_image", "params_M"]
+SUMMARY_COMPUTE = [COMPUTE, "NFE", "backbone_evaluations", "backbone_tokens_per_step", "sampling_wall_ms_per_image",
+                   "sampling_cpu_ms_per_image", "params_M"]
 MAX_LINES = 12
 
 
@@ -263,9 +264,11 @@ def _pm(mean: float, std: float, n: int) -> str:
 
 def _units_note() -> str:
     return ("Compute is per image over the whole sampling trajectory (every step, both CFG branches): "
-            "TFLOPs = 2 x MACs, useful (valid tokens only). NFE: model evaluations per image. "
-            "Backbone tokens: mean per step (conditional branch). Wall-clock: ms per image sampling one "
-            "batch of the cell's samples on the cell's device (shared CPUs make it noisy). Params in millions.")
+            "TFLOPs = 2 x MACs, useful (valid tokens only). NFE: model evaluations (calls) per image; backbone "
+            "evaluations: those whose backbone computed (not skipped or served from a step cache). Backbone tokens: "
+            "mean per step (conditional branch). Wall-clock: ms per image sampling one batch of the cell's samples "
+            "on the cell's device (shared CPUs make it noisy); CPU: the cell process's CPU ms per image meanwhile "
+            "(all its threads; less sensitive to other jobs). Params in millions.")
 
 
 def _metric_notes(results: list, metrics: list[str]) -> str:

@@ -115,11 +115,11 @@ def _cache_pair(case: str, reducers: list[str], bindings: list[str], run: str | 
 
 
 @register_case("fora_ddim50")
-def fora_case(run: str | None = None) -> list[BenchPair]:
-    return _cache_pair("fora_ddim50", ["fora"], ["reducers.fora.interval = 2"], run)
+def fora_case(run: str | None = None, images: int = 32) -> list[BenchPair]:
+    return _cache_pair("fora_ddim50", ["fora"], ["reducers.fora.interval = 2"], run, images)
 
 
 @register_case("taylorseer_ddim50")
-def taylorseer_case(run: str | None = None) -> list[BenchPair]:
+def taylorseer_case(run: str | None = None, images: int = 32) -> list[BenchPair]:
     return _cache_pair("taylorseer_ddim50", ["taylorseer"], ["reducers.taylorseer.interval = 3",
-                                                             "reducers.taylorseer.order = 2"], run)
+                                                             "reducers.taylorseer.order = 2"], run, images)
