@@ -115,7 +115,8 @@ def test_reducer_sweep_calibrates_teacache_for_its_cells_only():
 
 
 def test_calibrated_reducer_cells_fit_it_once_per_trained_run(tmp_path):
-    """sweep.calibrate: a TeaCache cell calibrates on its trained run (cached there) and samples with it."""
+    """sweep.calibrate: a TeaCache cell calibrates on its trained run (cached there) and samples with it;
+    the uncached cell's samples are the reference samples."""
     path = tmp_path / "tea.gin"
     path.write_text(f"""
 sweep.base = ['{ROOT / "experiments" / "quickstart" / "dit.gin"}']
@@ -123,11 +124,16 @@ sweep.calibrate = {{'teacache': {{'sampler': 'ddim', 'num_steps': 8, 'num_sample
 sweep.axes = {{'reducer': {{'none': [], 'TeaCache': ["DiffusionTransformer.reducers = ['teacache']",
                                                     'reducers.teacache.threshold = 0.5']}}}}
 sweep.bindings = ['generate.sampler = "ddim"', 'generate.num_steps = 8']
+sweep.reference = ['generate.num_steps = 8']
 """)
     sweep = load_sweep(path, TINY)
     run_sweep(path, tmp_path / "out", ExecutorConfig("debug"), progress=False, sweep=sweep, threads=1, report=False)
     rows = pd.read_csv(tmp_path / "out" / "results.csv").set_index("reducer")
     assert (rows["NFE"] == 8).all() and rows.loc["TeaCache", "backbone_evaluations"] < 8
+    # the uncached cell samples as the reference does: its own samples are the reference
+    assert [c.labels["reducer"] for c in sweep.cells if c.reference_is_self] == ["none"]
+    assert rows.loc["none", "psnr_vs_reference_dB"] == float("inf") and rows.loc["none", "mse_vs_reference"] == 0
+    assert len(list((tmp_path / "out" / "runs").glob("*/reference/*.pt"))) == 1
     fitted = list((tmp_path / "out" / "runs").glob("*/calibration/teacache-*.gin"))
     assert len(fitted) == 1
     tea = next(c for c in sweep.cells if c.calibrate)
