@@ -3,7 +3,8 @@
 Inputs are what cells wrote: ``cells/*/result.json`` (and error.json), the training runs'
 ``metrics.csv``, the cells' sample grids and boundary maps, and ``sweep.json`` for the grid's order.
 Every metric a cell reports with a goal ("min"/"max") gets a quality-vs-compute panel with its Pareto
-front; configurations are aggregated over seeds (mean ± std).
+front; configurations are aggregated over their replicates (mean ± std): cells whose configs differ
+only in their seeds (training seed ``train.seed``, sampling seed ``CellSettings.seed``).
 """
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ import pandas as pd
 from ..io import atomic_write
 from ..report import Figure, loss_curves, save_figure, save_table, write_pages
 from .cell import CELLS, ERROR, RESULT
-from .spec import SEED_AXIS
+from .spec import SEED_AXIS, identity
 
 COMPUTE = "per_image_TFLOPs"
 SUMMARY_COMPUTE = [COMPUTE, "NFE", "backbone_evaluations", "backbone_tokens_per_step", "sampling_wall_ms_per_image",
                    "sampling_cpu_ms_per_image", "params_M"]
 MAX_LINES = 12
+SEED_BINDINGS = ("train.seed", "CellSettings.seed")  # replicates differ in these alone
 
 
 # --------------------------------------------------------------------------- reading
@@ -35,12 +37,23 @@ def load_results(root: str | Path) -> tuple[pd.DataFrame, dict, list[dict], list
     order = _manifest_order(root)
     results = [json.loads(p.read_text()) for p in sorted((root / CELLS).glob(f"*/{RESULT}"))]
     results.sort(key=lambda r: order.get(r["cell_id"], len(order)))
+    for r in results:
+        r["replicate"] = replicate_key(root / CELLS / r["cell_id"], r)
     failures = [json.loads(p.read_text()) for p in sorted((root / CELLS).glob(f"*/{ERROR}"))
                 if not (p.parent / RESULT).is_file()]
     goals: dict[str, str] = {}
     for r in results:
         goals.update(r.get("metric_goals", {}))
     return pd.DataFrame([flatten(r) for r in results]), goals, results, failures
+
+
+def replicate_key(cdir: Path, r: dict) -> str:
+    """One key for the cells whose resolved configs (and references) differ only in their seeds."""
+    path = cdir / "config.gin"
+    if not path.is_file():
+        return r["cell_id"]
+    lines = [line for line in path.read_text().splitlines() if not line.startswith(SEED_BINDINGS)]
+    return identity(*lines, *r.get("bindings", {}).get("reference", []))
 
 
 def _manifest_order(root: Path) -> dict[str, int]:
@@ -61,17 +74,19 @@ def flatten(r: dict) -> dict:
                 "reused_checkpoint": t.get("reused")}
     return {"cell": r["label"], "config": config, **labels, **r.get("metrics", {}), **r.get("compute", {}),
             **training, "cell_wall_s": r.get("cell_wall_s"), "cell_cpu_s": r.get("cell_cpu_s"),
-            "cell_id": r["cell_id"], "train_id": r["train_id"]}
+            "cell_id": r["cell_id"], "train_id": r["train_id"], "replicate": r.get("replicate", r["cell_id"])}
 
 
 def aggregate(df: pd.DataFrame, columns: list[str], labels: list[str]) -> pd.DataFrame:
-    """Mean and std over seeds per configuration: columns ``X`` (mean), ``X_std``, ``seeds`` and the labels."""
+    """Mean and std over each configuration's replicates (its seeds): columns ``X`` (mean), ``X_std``, ``seeds``
+    (replicates), ``config`` (the first replicate's) and the labels."""
     cols = [c for c in columns if c in df]
-    g = df.groupby("config", sort=False)
-    parts = [g[[c for c in labels if c in df]].first(), g[cols].mean(), g[cols].std(ddof=1).add_suffix("_std")]
+    g = df.groupby("replicate" if "replicate" in df else "config", sort=False)
+    parts = [g[["config", *[c for c in labels if c in df]]].first(), g[cols].mean(),
+             g[cols].std(ddof=1).add_suffix("_std")]
     out = pd.concat(parts, axis=1)
     out.insert(0, "seeds", g.size())
-    return out.reset_index()
+    return out.reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------- figures
@@ -117,6 +132,8 @@ def plot_quality_vs_compute(agg: pd.DataFrame, goals: dict, axes_names: list[str
 def _panel(ax, agg: pd.DataFrame, metric: str, goal: str, colours: dict, colour_axis: str, markers: dict,
            marker_axis: str | None) -> None:
     x, y = agg[COMPUTE].to_numpy(float), agg[metric].to_numpy(float)
+    unit = "GFLOPs" if np.nanmax(x) < 0.1 else "TFLOPs"  # small models: readable ticks, the unit says which
+    x = x * (1e3 if unit == "GFLOPs" else 1.0)
     yerr = agg.get(f"{metric}_std")
     shown = np.isfinite(x) & np.isfinite(y)  # e.g. PSNR of the reference configuration itself (identical: inf)
     for i, row in agg.iterrows():
@@ -128,7 +145,8 @@ def _panel(ax, agg: pd.DataFrame, metric: str, goal: str, colours: dict, colour_
     if len(front):
         ax.plot(x[front], y[front], color="k", lw=1, ls="--", drawstyle="steps-post", zorder=0)
         ax.scatter(x[front], y[front], s=190, facecolors="none", edgecolors="k", lw=1.2)
-    ax.set_xlabel("per-image TFLOPs over the sampling trajectory (FLOPs = 2 x MACs)", fontsize=8)
+    ax.set_xlabel(f"per-image {unit} over the sampling trajectory (FLOPs = 2 x MACs)", fontsize=8)
+    ax.xaxis.set_major_locator(plt.MaxNLocator(5))
     ax.set_ylabel(f"{metric} ({'lower' if goal == 'min' else 'higher'} is better)")
     if shown.any() and x[shown].max() > 5 * x[shown].min() > 0:
         ax.set_xscale("log")
@@ -227,11 +245,13 @@ def _result_sections(root: Path, out: Path, df: pd.DataFrame, goals: dict, resul
     metrics = [m for m in goals if m in df]
     labels = list(dict.fromkeys(k for r in results for k in r["labels"] if k != SEED_AXIS))
     agg = aggregate(df, metrics + [c for c in SUMMARY_COMPUTE if c in df], labels)
-    sections = [("Results (mean ± std over seeds)", [_summary_table(agg, metrics), _units_note()])]
+    sections = [("Results (mean ± std over replicates: training and sampling seeds)",
+                 [_summary_table(agg, metrics), _units_note()])]
     if metrics and COMPUTE in agg:
         save_figure(plot_quality_vs_compute(agg, goals, axes_names, panels_by), figdir / "quality_vs_compute.png")
-        figure = Figure("figures/quality_vs_compute.png", "quality vs per-image TFLOPs, one point per "
-                        "configuration (mean over seeds, bars: ± std); circled: the Pareto front")
+        figure = Figure("figures/quality_vs_compute.png", "quality vs per-image FLOPs, one point per configuration "
+                        "(mean over its replicates, bars: ± std over training and sampling seeds); circled: the "
+                        "Pareto front")
         budgets = ("Best configuration per compute budget (the Pareto front as a table: for every compute "
                    "level present, the best configuration that costs no more):")
         sections.append(("Quality vs compute", [figure, _metric_notes(results, metrics), budgets,
@@ -248,7 +268,7 @@ def _result_sections(root: Path, out: Path, df: pd.DataFrame, goals: dict, resul
 
 
 def _summary_table(agg: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
-    show = pd.DataFrame({"configuration": agg["config"], "seeds": agg["seeds"]})
+    show = pd.DataFrame({"configuration": agg["config"], "replicates": agg["seeds"]})
     for c in metrics + [c for c in SUMMARY_COMPUTE if c in agg]:
         std = agg.get(f"{c}_std")
         show[c] = [_pm(m, s, n) for m, s, n in zip(agg[c], std if std is not None else [np.nan] * len(agg),
