@@ -262,9 +262,27 @@ def _result_sections(root: Path, out: Path, df: pd.DataFrame, goals: dict, resul
                                                      "boundary maps of the trained tokenizer along a DDIM trajectory "
                                                      "at the cell's budget (black: positions the backbone processes; "
                                                      "rows: samples; columns: noisy -> clean; last: the sample)")))
-    sections.append(("Samples", _copied(root, figdir, results, "png", "samples",
-                                        "samples (labels cycle through the classes in reading order)")))
+    sections.append(("Samples", _samples(root, figdir, results)))
     return sections
+
+
+def _samples(root: Path, figdir: Path, results: list, per_row: int = 8) -> list:
+    """The first samples of every configuration side by side (first seed): cells share noise and labels."""
+    rows = [(flatten(r)["config"], np.load(root / r["files"]["npz"])["arr_0"][:per_row]) for r in _first_seed(results)
+            if r.get("files", {}).get("npz") and (root / r["files"]["npz"]).is_file()]
+    if not rows:
+        return ["no cell wrote samples"]
+    fig, axs = plt.subplots(len(rows), 1, figsize=(per_row * 0.75 + 2.5, 0.8 * len(rows)), squeeze=False)
+    for ax, (label, images) in zip(axs[:, 0], rows):
+        ax.imshow(np.concatenate(list(np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=255)), 1),
+                  interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
+    fig.tight_layout(h_pad=0.2)
+    save_figure(fig, figdir / "samples.png")
+    return [Figure("figures/samples.png", f"the first {per_row} samples of every configuration (first seed); the "
+                   "cells sample from the same noise and labels (per seed), so columns compare like with like")]
 
 
 def _summary_table(agg: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
