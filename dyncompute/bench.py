@@ -13,6 +13,7 @@ import ast
 import contextlib
 import ctypes
 import multiprocessing
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -169,6 +170,7 @@ def _time_once(fn: Callable[[], object]) -> float:
 
 
 def run_pair(pair: BenchPair, warmup: int = 2, repeats: int = 5) -> dict:
+    load0 = os.getloadavg()[0]  # the machine's own load (others' jobs on a shared machine), for the record
     with busy(pair.load):
         for _ in range(warmup):
             pair.subject.fn(), pair.reference.fn()
@@ -187,6 +189,7 @@ def run_pair(pair: BenchPair, warmup: int = 2, repeats: int = 5) -> dict:
         "subject_kernels": kernels_s, "reference_kernels": kernels_r,
         "subject_peak_MiB": mem_s, "reference_peak_MiB": mem_r,
         "time_ratio": ms / mr, "load": pair.load, "device": str(bench_device()), "target": pair.target,
+        "loadavg_1m": (load0 + os.getloadavg()[0]) / 2,
     }
     if pair.subject.macs and pair.reference.macs:
         row["mac_ratio"] = pair.subject.macs / pair.reference.macs
@@ -245,6 +248,7 @@ def _fmt(r: dict) -> str:
     s += f" | kernels {r['subject_kernels']} vs {r['reference_kernels']}"
     if r.get("load"):
         s += f" | beside {r['load']} busy process(es)"
+    s += f" | load average {r['loadavg_1m']:.1f}"
     if r.get("subject_peak_MiB") is not None:
         s += f" | peak mem +{r['subject_peak_MiB']:.0f} vs +{r['reference_peak_MiB']:.0f} MiB"
     return s + (f" | target {r['target']}: {'met' if r['met'] else 'NOT met'}" if r["target"] else "")

@@ -27,7 +27,8 @@ TINY = ["train.steps = 2", "train.checkpoint_every = 1", "CellSettings.num_sampl
         "CellSettings.count_images = 1", "CellSettings.heldout_images = 2", "CellSettings.heldout_timesteps = 2",
         "CellSettings.views_samples = 1", "CellSettings.views_steps = 2"]
 # columns that measure this machine at this moment, not the cell's result
-TIMING = ["sampling_wall_ms_per_image", "process_peak_rss_MiB", "train_wall_s", "cell_wall_s", "cell_cpu_s"]
+TIMING = ["sampling_wall_ms_per_image", "sampling_cpu_ms_per_image", "process_peak_rss_MiB", "train_wall_s",
+          "cell_wall_s", "cell_cpu_s"]
 
 
 def _run(out, shard=None, report=False, retry_failed=False):
@@ -115,6 +116,49 @@ def test_a_sweep_needing_a_missing_plugin_says_which(tmp_path, capsys):
     assert rc == 2 and "needs plugins that are not installed" in err and "reducers.no_such_cache" in err
     assert err.split("not installed: ", 1)[1].startswith("reducers.no_such_cache (")  # only the missing one
     assert not (tmp_path / "o").exists()
+
+
+def test_reducer_sweep_calibrates_teacache_for_its_cells_only():
+    """reducers.gin: TeaCache cells carry their calibration (part of their identity); the others do not."""
+    sweep = load_sweep(ROOT / "experiments" / "sweeps" / "reducers.gin")
+    tea = [c for c in sweep.cells if c.labels["reducer"].startswith("TeaCache")]
+    assert tea and all([r for r, _ in c.calibrate] == ["teacache"] for c in tea)
+    assert all(not c.calibrate for c in sweep.cells if c not in tea)
+
+
+def test_calibrated_reducer_cells_fit_it_once_per_trained_run(tmp_path):
+    """sweep.calibrate: a TeaCache cell calibrates on its trained run (cached there) and samples with it;
+    the uncached cell's samples are the reference samples."""
+    path = tmp_path / "tea.gin"
+    path.write_text(f"""
+sweep.base = ['{ROOT / "experiments" / "quickstart" / "dit.gin"}']
+sweep.calibrate = {{'teacache': {{'sampler': 'ddim', 'num_steps': 8, 'num_samples': 2}}}}
+sweep.axes = {{'reducer': {{'none': [], 'TeaCache': ["DiffusionTransformer.reducers = ['teacache']",
+                                                    'reducers.teacache.threshold = 0.5']}}}}
+sweep.bindings = ['generate.sampler = "ddim"', 'generate.num_steps = 8']
+sweep.reference = ['generate.num_steps = 8']
+""")
+    sweep = load_sweep(path, TINY)
+    run_sweep(path, tmp_path / "out", ExecutorConfig("debug"), progress=False, sweep=sweep, threads=1, report=False)
+    rows = pd.read_csv(tmp_path / "out" / "results.csv").set_index("reducer")
+    assert (rows["NFE"] == 8).all() and rows.loc["TeaCache", "backbone_evaluations"] < 8
+    # the uncached cell samples as the reference does: its own samples are the reference
+    assert [c.labels["reducer"] for c in sweep.cells if c.reference_is_self] == ["none"]
+    assert rows.loc["none", "psnr_vs_reference_dB"] == float("inf") and rows.loc["none", "mse_vs_reference"] == 0
+    assert len(list((tmp_path / "out" / "runs").glob("*/reference/*.pt"))) == 1
+    fitted = list((tmp_path / "out" / "runs").glob("*/calibration/teacache-*.gin"))
+    assert len(fitted) == 1
+    tea = next(c for c in sweep.cells if c.calibrate)
+    used = (cell_dir(tmp_path / "out", tea.cell_id) / "operative_config.gin").read_text()
+    assert "teacache.coefficients" in used and "teacache.fingerprint" in used
+
+
+def test_sweep_calibrate_names_a_registered_reducer(tmp_path, capsys):
+    path = tmp_path / "bad.gin"
+    path.write_text(f"sweep.base = ['{ROOT / 'experiments' / 'quickstart' / 'dit.gin'}']\n"
+                    "sweep.calibrate = {'teacach': {}}\nsweep.axes = {'a': {'x': []}}\n")
+    assert main(["sweep", str(path), "--out", str(tmp_path / "o"), "--dry-run"]) == 2
+    assert "sweep.calibrate names reducer 'teacach'" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- running
@@ -263,7 +307,7 @@ def test_pareto_front():
 
 
 @pytest.mark.parametrize("name,cells,runs", [("quickstart", 9, 3), ("ablations", 30, 15), ("paper_4x_16x", 6, 6),
-                                               ("reducers", 18, 2)])
+                                               ("reducers", 22, 2)])
 def test_experiment_sweeps_expand(name, cells, runs):
     sweep = load_sweep(ROOT / "experiments" / "sweeps" / f"{name}.gin")
     assert len(sweep.cells) == cells and len(sweep.train_ids) == runs
@@ -363,7 +407,7 @@ def test_cell_quality_metrics_rank_real_images_above_noise(tmp_path, monkeypatch
     torch.manual_seed(0)
     model = ModelConfig(input_size=32, in_channels=3, num_classes=10, hidden_size=32, depth=1, num_heads=2,
                         tokenizer_kwargs={"patch_size": 4}).build().eval()
-    settings = CellSettings(heldout_images=8, heldout_timesteps=2)
+    settings = CellSettings(heldout_images=8, heldout_timesteps=2, quality_features=("shapes_classifier",))
     data = ProceduralShapes(size=32, channels=3, num_classes=10, length=80, seed=4242)
     items = [data[i] for i in range(80)]
     real = SampleResult(torch.stack([it["x"] for it in items]), torch.as_tensor([int(it["y"]) for it in items]), 0, [])

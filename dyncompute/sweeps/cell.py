@@ -67,7 +67,8 @@ def prepare(root: str | Path, sweep_name: str, cell: Cell, threads: int | None =
     spec = {"sweep": sweep_name, "cell_id": cell.cell_id, "train_id": cell.train_id, "labels": cell.labels,
             "label": cell.label, "training": list(cell.training), "sampling": list(cell.sampling),
             "reference": list(cell.reference), "run_dir": f"{RUNS}/{cell.train_id}", "threads": threads,
-            "nproc_per_node": nproc_per_node, "backend": backend}
+            "nproc_per_node": nproc_per_node, "backend": backend,
+            "calibrate": {r: json.loads(a) for r, a in cell.calibrate}, "reference_is_self": cell.reference_is_self}
     write_json(spec, cdir / "cell.json")
     atomic_write_text(cell.config, cdir / "config.gin")
     if not (run / "training.gin").is_file():
@@ -169,11 +170,14 @@ def _device() -> torch.device:
 def _evaluate(cdir: Path, run: Path, spec: dict, root: Path) -> dict:
     with scoped([cdir / "config.gin"]):
         settings = CellSettings()
-    reference = reference_samples(run, spec["reference"], settings) if spec["reference"] else None
-    with scoped([cdir / "config.gin"]):
+    itself = spec.get("reference_is_self", False)
+    reference = reference_samples(run, spec["reference"], settings) if spec["reference"] and not itself else None
+    with scoped([cdir / "config.gin", *calibrations(run, spec.get("calibrate", {}))]):
         model = load_trained(run)
         budget = sampling_budget(model)
         timed = timed_samples(model, settings.num_samples, settings.seed)
+        if itself:  # this cell is the reference configuration: its samples are the reference (and cached as such)
+            reference = reference_samples(run, spec["reference"], settings, timed.samples.images)
         evaluation = evaluate_cell(model, timed.samples, settings, budget, reference)
         compute = count_compute(model, timed, settings.count_images, settings.seed)
         files = _write_figures(model, timed.samples, cdir, root, run, settings, budget)
@@ -184,22 +188,38 @@ def _evaluate(cdir: Path, run: Path, spec: dict, root: Path) -> dict:
             "notes": evaluation.notes + compute["details"]["notes"]}
 
 
+def calibrations(run: Path, wanted: dict) -> list[Path]:
+    """The gin files of the reducers calibrated on the trained run (``sweep.calibrate``); cached per run."""
+    from ..registry import REDUCERS
+
+    files = []
+    for name, kwargs in wanted.items():
+        path = run / "calibration" / f"{name}-{identity(json.dumps(kwargs, sort_keys=True))}.gin"
+        if not path.is_file():
+            REDUCERS.get(name).calibrate(str(run), out=str(path), **kwargs)
+        files.append(path)
+    return files
+
+
 def sampling_budget(model) -> dict:
     """The budget keywords (e.g. DC-DiT's ``tail_drop``) the cell binds on ``generate``."""
     keys = model.tokenizer.budget_keys
     return {k: v for k, v in gin.get_bindings("generate").items() if k in keys}
 
 
-def reference_samples(run: Path, bindings: list[str], settings: CellSettings) -> torch.Tensor:
-    """Samples of the trained model under the reference settings, same noise and labels; cached per run."""
+def reference_samples(run: Path, bindings: list[str], settings: CellSettings, images=None) -> torch.Tensor:
+    """Samples of the trained model under the reference settings, same noise and labels; cached per run
+    (``images``: a cell's own samples under exactly those settings)."""
     key = identity(*bindings, f"n={settings.num_samples}", f"seed={settings.seed}")
     path = run / "reference" / f"{key}.pt"
     if path.is_file():
         return load_checkpoint(path)["images"]
-    with scoped([run / "training.gin"], bindings):
-        model = load_trained(run)
-        images = generate(model, num_samples=settings.num_samples, batch_size=settings.num_samples,
-                          seed=settings.seed, device=str(_device())).images
+    if images is None:
+        with scoped([run / "training.gin"], bindings):
+            model = load_trained(run)
+            images = generate(model, num_samples=settings.num_samples, batch_size=settings.num_samples,
+                              seed=settings.seed, device=str(_device())).images
+    images = images.cpu()
     atomic_save({"images": images, "bindings": bindings}, path)
     return images
 

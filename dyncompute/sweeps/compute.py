@@ -25,6 +25,7 @@ class TimedSamples:
     samples: SampleResult
     wall_s: float
     peak_cuda_bytes: int | None
+    cpu_s: float = float("nan")  # CPU seconds of this process meanwhile: less sensitive to other jobs than wall_s
 
 
 def timed_samples(model, num_samples: int, seed: int) -> TimedSamples:
@@ -34,12 +35,13 @@ def timed_samples(model, num_samples: int, seed: int) -> TimedSamples:
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     samples = generate(model, num_samples=num_samples, batch_size=num_samples, seed=seed, device=str(device))
     if cuda:
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - t0
-    return TimedSamples(samples, wall, torch.cuda.max_memory_allocated(device) if cuda else None)
+    return TimedSamples(samples, wall, torch.cuda.max_memory_allocated(device) if cuda else None,
+                        time.process_time() - cpu0)
 
 
 def count_compute(model, timed: TimedSamples, count_images: int, seed: int) -> dict:
@@ -55,10 +57,13 @@ def count_compute(model, timed: TimedSamples, count_images: int, seed: int) -> d
         "per_image_GMACs": traj.useful_macs_per_image / 1e9,
         "per_image_executed_GMACs": traj.executed_macs_per_image / 1e9,
         "NFE": traj.nfe,
+        "backbone_evaluations": traj.nfe if traj.backbone_evaluations is None else traj.backbone_evaluations,
+        "per_image_backbone_GMACs": traj.by_component.get("backbone", 0.0) / 1e9,
         "per_step_GFLOPs": traj.flops_per_image / traj.nfe / 1e9,
         "backbone_tokens_per_step": float(traj.steps["tokens_mean_cond"].mean()),
         "params_M": count_parameters(model) / 1e6,
         "sampling_wall_ms_per_image": 1e3 * timed.wall_s / n,
+        "sampling_cpu_ms_per_image": 1e3 * timed.cpu_s / n,
         "process_peak_rss_MiB": _peak_rss_mib(),
     }
     if timed.peak_cuda_bytes is not None:

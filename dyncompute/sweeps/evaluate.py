@@ -3,7 +3,7 @@
 `evaluate_cell` is the seam to `dyncompute.evaluation`: it returns metric values with their goals
 ("min" or "max"), and reports plot every metric that has a goal.
 
-- ``fid_shapes`` / ``is_shapes`` / ``cas`` (or another extractor's names, ``CellSettings.features``):
+- ``fid_shapes`` / ``is_shapes`` / ``cas`` (or another extractor's names, ``CellSettings.quality_features``):
   the cell's samples against as many held-out real images of the run's dataset; ``fid_shapes_real`` is
   the real-vs-real floor at that sample count. FID needs more samples than the extractor has features.
 - ``heldout_denoise_mse``: the objective's MSE term on held-out images (never trained on) at
@@ -12,7 +12,8 @@
   timesteps; no goal).
 - ``psnr_vs_reference_dB``: mean per-image PSNR (peak-to-peak 2 on [-1, 1] pixels) of the cell's
   samples against reference samples of the same trained model from the same noise and labels
-  (``sweep.reference``, e.g. DDIM-50 without reducers). Compares samplers and reducers of one model.
+  (``sweep.reference``, e.g. DDIM-50 without reducers). Compares samplers and reducers of one model;
+  ``mse_vs_reference`` is the mean squared difference itself.
 """
 from __future__ import annotations
 
@@ -33,13 +34,14 @@ from ..evaluation.heldout import (
 from ..evaluation.metrics import quality
 from ..registry import FEATURE_EXTRACTORS
 
-GOALS = {"heldout_denoise_mse": "min", "psnr_vs_reference_dB": "max"}
+GOALS = {"heldout_denoise_mse": "min", "psnr_vs_reference_dB": "max", "mse_vs_reference": "min"}
 DESCRIPTIONS = {
     "heldout_denoise_mse": "the objective's MSE term on held-out images at fixed, evenly spaced timesteps with "
                            "fixed noise (the cell's sampling budget applies); compares models, not samplers",
     "psnr_vs_reference_dB": "mean per-image PSNR of the cell's samples against the same trained model's reference "
                             "samples (sweep.reference) from the same noise and labels; compares samplers and "
                             "reducers of one model",
+    "mse_vs_reference": "mean squared difference of the cell's samples to the reference samples (pixels in [-1, 1])",
     "router_auroc": "AUROC of the router's boundary probability against the data's detail mask, held-out images, "
                     "mean over the held-out timesteps",
 }
@@ -57,7 +59,7 @@ class CellSettings:
     heldout_timesteps: int = 8
     views_samples: int = 8  # boundary maps (data-dependent tokenizers only)
     views_steps: int = 25
-    features: tuple = ("shapes_classifier",)  # feature extractors for FID / IS / CAS (() for none)
+    quality_features: tuple = ()  # feature extractors for FID / IS / CAS, e.g. ('shapes_classifier',); () skips
 
 
 @dataclass
@@ -78,10 +80,11 @@ def evaluate_cell(model, samples, settings: CellSettings, budget: dict, referenc
         notes.append(f"no held-out metrics: {e}")
     else:
         metrics.update(heldout_metrics(model, dataset, settings, budget))
-        for name in settings.features:
+        for name in settings.quality_features:
             metrics.update(sample_quality(name, dataset, samples, goals, descriptions, notes))
     if reference is not None:
         metrics["psnr_vs_reference_dB"] = psnr(samples.images, reference)
+        metrics["mse_vs_reference"] = float((samples.images.float() - reference.float()).pow(2).mean())
     return Evaluation(metrics, {k: goals[k] for k in metrics if k in goals},
                       {k: descriptions[k] for k in metrics if k in descriptions}, notes)
 
@@ -102,8 +105,9 @@ def sample_quality(name: str, dataset: str, samples, goals: dict, descriptions: 
         names[extractor.cas_name] = "max"
         descriptions[extractor.cas_name] = f"accuracy of the {name} classifier on the samples' labels"
     goals.update(names)
-    descriptions[extractor.fid_name] = f"FID on {name} features, {n} samples vs {n} held-out real images"
-    descriptions[extractor.is_name] = f"Inception Score on {name} logits, {n} samples"
+    descriptions[extractor.fid_name] = (f"FID on {name} features, {n} samples vs {n} held-out real images (not "
+                                        f"comparable with Inception FIDs); {extractor.fid_name}_real: two real sets")
+    descriptions[extractor.is_name] = f"Inception Score on {name} class probabilities, {n} samples"
     return quality([extractor], samples.images.cpu(), samples.labels.cpu(), real_x, real_y, second)
 
 
@@ -113,10 +117,10 @@ def _stack(data, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean per-image PSNR in dB of [-1, 1] images (peak-to-peak 2), capped where they are identical."""
+    """Mean per-image PSNR in dB of [-1, 1] images (peak-to-peak 2); inf when they are identical."""
     if images.shape != reference.shape:
         raise ValueError(f"samples {tuple(images.shape)} and reference {tuple(reference.shape)} differ in shape")
-    mse = (images.float() - reference.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    mse = (images.float() - reference.float()).pow(2).flatten(1).mean(1)
     return float((10 * torch.log10(4.0 / mse)).mean())
 
 

@@ -294,16 +294,17 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 def write_manifest(root: Path, sweep: Sweep) -> Path:
     """sweep.json: the expanded grid (identical for every shard), for reports and for reading."""
     manifest = {
-        "name": sweep.name, "source": _shown(sweep.source), "base": [_shown(b) for b in sweep.base],
+        "name": sweep.name, "source": shown_path(sweep.source), "base": [shown_path(b) for b in sweep.base],
         "axes": {a: {label: list(b) for label, b in v.items()} for a, v in sweep.axes.items()},
-        "bindings": list(sweep.bindings), "seeds": sorted({c.labels.get("seed") for c in sweep.cells} - {None}),
+        "bindings": list(sweep.bindings), "panels_by": sweep.panels_by,
+        "seeds": sorted({c.labels.get("seed") for c in sweep.cells} - {None}),
         "cells": [{"cell_id": c.cell_id, "train_id": c.train_id, "labels": c.labels, "label": c.label}
                   for c in sweep.cells],
     }
     return atomic_write_text(json.dumps(manifest, indent=1), root / MANIFEST)
 
 
-def _shown(path: Path) -> str:
+def shown_path(path: Path) -> str:
     """A path as a reader of the report should see it: relative to the project when inside it."""
     from ..config import PROJECT_ROOT
 

@@ -13,7 +13,9 @@ A sweep file is ordinary gin that binds one configurable, ``sweep``::
     sweep.seeds = [0, 1]                                # training seeds: cross every cell (train.seed)
     sweep.reference = ['generate.num_steps = 50']       # sampling settings of the reference samples
     sweep.requires = ['reducers.token_merging']         # plugins the sweep needs (checked first)
+    sweep.calibrate = {'teacache': {'num_steps': 50}}   # reducers fitted to each trained run (below)
     sweep.slurm = {'partition': 'gpu', 'gpus_per_node': 1, 'timeout_min': 600}
+    sweep.panels_by = 'model'                           # report: one row of quality panels per value of this axis
 
 Axis values and points are lists of gin bindings (``include '...'`` lines too). A cell parses the
 base files, then its axis values in axis order (or its point), then sweep.bindings (so they hold over
@@ -24,6 +26,12 @@ hash of its resolved gin config (every binding after parsing, base files include
 reference settings; its training identity hashes the training part only, so cells that differ in
 sampling bindings alone share one trained checkpoint.
 
+``sweep.calibrate`` names reducers whose settings are fitted to the trained model (``Reducer.calibrate``,
+what ``dyncompute calibrate NAME RUN_DIR`` runs), with the calibration's keyword arguments: a cell
+that uses such a reducer calibrates it on its trained run once (cached in the run folder by those
+arguments) and parses the gin file it writes after the cell's config. The arguments are part of the
+identity of the cells that use the reducer.
+
 Everything is checked before any cell runs: the base files exist, no axis is empty, no label repeats,
 every binding parses, every plugin a cell names is registered. Errors name the file, axis and label.
 """
@@ -33,6 +41,7 @@ import ast
 import hashlib
 import io
 import itertools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,10 +67,11 @@ class SweepError(ConfigError):
 
 @gin.configurable("sweep")
 def sweep(name: str | None = None, base=(), bindings=(), axes=None, points=None, seeds=(0,), reference=(),
-          requires=(), slurm=None) -> dict:
+          requires=(), slurm=None, calibrate=None, panels_by=None) -> dict:
     """The ``sweep`` configurable of a sweep file: returns what the file binds."""
     return {"name": name, "base": list(base), "bindings": list(bindings), "axes": axes or {}, "points": points or {},
-            "seeds": list(seeds), "reference": list(reference), "requires": list(requires), "slurm": dict(slurm or {})}
+            "seeds": list(seeds), "reference": list(reference), "requires": list(requires), "slurm": dict(slurm or {}),
+            "calibrate": calibrate or {}, "panels_by": panels_by}
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,8 @@ class Cell:
     reference: tuple[str, ...]  # sampling bindings of the reference samples (empty: none)
     cell_id: str
     train_id: str
+    calibrate: tuple[tuple[str, str], ...] = ()  # (reducer, its calibration arguments as JSON) the cell uses
+    reference_is_self: bool = False  # the cell samples exactly as the reference does: its samples are the reference
 
     @property
     def label(self) -> str:
@@ -91,6 +103,7 @@ class Sweep:
     cells: list[Cell]
     slurm: dict = field(default_factory=dict)
     bindings: list[str] = field(default_factory=list)  # sweep.bindings (+ command-line extras)
+    panels_by: str | None = None  # the axis whose values get a row of quality panels each in reports
 
     @property
     def train_ids(self) -> list[str]:
@@ -114,11 +127,14 @@ def load_sweep(path: str | Path, extra_bindings=()) -> Sweep:
         raise SweepError(_line(e)) from e
     where = f"sweep file {path}"
     _check_requires(raw["requires"], where)
+    calibrate = _check_calibrate(raw["calibrate"], where)
     base = [_resolve_base(b, path) for b in raw["base"]]
     axes = _check_axes(raw["axes"], raw["points"], where)
     common = raw["bindings"] + list(extra_bindings)
-    cells = expand(base, common, axes, raw["points"], raw["seeds"], raw["reference"], where)
-    return Sweep(raw["name"] or path.stem, path, base, axes, cells, raw["slurm"], common)
+    cells = expand(base, common, axes, raw["points"], raw["seeds"], raw["reference"], where, calibrate)
+    if raw["panels_by"] is not None and raw["panels_by"] not in axes:
+        raise SweepError(f"{where}: sweep.panels_by = {raw['panels_by']!r} is not an axis ({', '.join(axes)})")
+    return Sweep(raw["name"] or path.stem, path, base, axes, cells, raw["slurm"], common, raw["panels_by"])
 
 
 def _statements(path: Path):
@@ -176,6 +192,21 @@ def _check_requires(requires, where: str) -> None:
                          f"(installed {kind}: {', '.join(registry.names()) or 'none'})")
 
 
+def _check_calibrate(calibrate, where: str) -> dict[str, str]:
+    """sweep.calibrate: {registered reducer: {keyword: value}}; the arguments as JSON (they hash into cells)."""
+    if not isinstance(calibrate, dict):
+        raise SweepError(f"{where}: sweep.calibrate must map reducer names to dicts of calibration arguments")
+    out = {}
+    for name, kwargs in calibrate.items():
+        if name not in REDUCERS.names():
+            raise SweepError(f"{where}: sweep.calibrate names reducer {name!r}, which is not installed "
+                             f"(installed reducers: {', '.join(REDUCERS.names()) or 'none'})")
+        if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+            raise SweepError(f"{where}: sweep.calibrate[{name!r}] must be a dict of keyword arguments, got {kwargs!r}")
+        out[name] = json.dumps(kwargs, sort_keys=True)
+    return out
+
+
 def _resolve_base(name: str, sweep_file: Path) -> Path:
     p = Path(name)
     candidates = [p] if p.is_absolute() else [PROJECT_ROOT / p, sweep_file.parent / p, Path.cwd() / p]
@@ -214,7 +245,8 @@ def _check_bindings(bindings, where: str) -> None:
 # --------------------------------------------------------------------------- expansion
 
 
-def expand(base: list[Path], common, axes: dict, points: dict, seeds, reference, where: str) -> list[Cell]:
+def expand(base: list[Path], common, axes: dict, points: dict, seeds, reference, where: str,
+           calibrate: dict[str, str] | None = None) -> list[Cell]:
     """Every grid combination (axes in file order), then the extra points, each crossed with the seeds."""
     combos = [tuple(zip(axes, values)) for values in itertools.product(*axes.values())] if axes else []
     combos += [(("point", label),) for label in points]
@@ -229,7 +261,8 @@ def expand(base: list[Path], common, axes: dict, points: dict, seeds, reference,
             labelled += [(b, origin) for b in values[label]]
         labelled += [(b, "sweep.bindings") for b in common]  # last: they hold over files an axis includes
         labelled.append((f"train.seed = {int(seed)}", "sweep.seeds"))
-        cells.append(_cell(base, dict(combo) | {SEED_AXIS: int(seed)}, labelled, tuple(reference), where))
+        cells.append(_cell(base, dict(combo) | {SEED_AXIS: int(seed)}, labelled, tuple(reference), where,
+                           calibrate or {}))
     ids = [c.cell_id for c in cells]
     dup = next((c for c in cells if ids.count(c.cell_id) > 1), None)
     if dup is not None:
@@ -238,21 +271,31 @@ def expand(base: list[Path], common, axes: dict, points: dict, seeds, reference,
     return cells
 
 
-def _cell(base, labels: dict, labelled: list[tuple[str, str]], reference: tuple, where: str) -> Cell:
+def _cell(base, labels: dict, labelled: list[tuple[str, str]], reference: tuple, where: str,
+          calibrate: dict[str, str]) -> Cell:
     training = [(b, o) for b, o in labelled if not is_sampling_binding(b)]
     sampling_only = [(b, o) for b, o in labelled if is_sampling_binding(b)]
     name = " · ".join(map(str, labels.values()))
-    training_config = _resolve(base, training, where, name)
-    config = _resolve(base, training + sampling_only, where, name, check_plugins=True)
+    training_config, _ = _resolve(base, training, where, name)
+    config, reducers = _resolve(base, training + sampling_only, where, name, check_plugins=True)
+    calibrated = tuple((r, calibrate[r]) for r in reducers if r in calibrate)
     if reference:  # the reference samples: sweep.bindings' sampling part, then sweep.reference
         reference = tuple(b for b, o in sampling_only if o == "sweep.bindings") + reference
-        _resolve(base, training + [(b, "sweep.reference") for b in reference], where, name, check_plugins=True)
+        reference_config, _ = _resolve(base, training + [(b, "sweep.reference") for b in reference], where, name,
+                                       check_plugins=True)
     return Cell(labels, tuple(b for b, _ in training), tuple(b for b, _ in sampling_only), training_config, config,
-                reference, identity(config, *reference), identity(training_config))
+                reference, identity(config, *reference, *(f"calibrate {r} {a}" for r, a in calibrated)),
+                identity(training_config), calibrated,
+                bool(reference) and _sampling(config) == _sampling(reference_config))
 
 
-def _resolve(base, labelled, where: str, name: str, check_plugins: bool = False) -> str:
-    """The resolved gin config of base files + bindings; errors name the binding's origin."""
+def _sampling(config: str) -> list[str]:
+    """A resolved config without CellSettings (which sample the reference too: its seed and count)."""
+    return [line for line in config.splitlines() if "CellSettings" not in line]
+
+
+def _resolve(base, labelled, where: str, name: str, check_plugins: bool = False) -> tuple[str, list[str]]:
+    """The resolved gin config of base files + bindings, and its reducers; errors name the binding's origin."""
     gin.clear_config()
     try:
         try:
@@ -269,7 +312,7 @@ def _resolve(base, labelled, where: str, name: str, check_plugins: bool = False)
                 check_plugin_names()
             except UnknownPluginError as e:
                 raise SweepError(f"{where}: cell {name!r}: {e}") from e
-        return gin.config_str()
+        return gin.config_str(), [r for r in _query("DiffusionTransformer.reducers") or () if isinstance(r, str)]
     finally:
         gin.clear_config()
 

@@ -5,20 +5,21 @@
 - ``fora_ddim50``, ``taylorseer_ddim50``: FORA interval 2 and TaylorSeer interval 3 on the trained
   quickstart DiT/2, whole DDIM-50 sampling calls of 32 images vs uncached; target: speed-up >= 0.9 x the per-image
   MAC reduction; the row also gives the mean squared difference of the final samples to the uncached
-  ones (same seed, pixels in [-1, 1]). They read the quickstart's run directory
-  ``$DYNCOMPUTE_QUICKSTART_RUNS/dit2`` (default ``runs/quickstart``): run ``dyncompute quickstart`` first.
+  ones (same seed, pixels in [-1, 1]). They sample the DiT/2 that the reducer sweep trained
+  (``dyncompute sweep experiments/sweeps/reducers.gin --out runs/reducers``), or ``--arg run=RUN_DIR``.
 - ``dcdit_tome``: DC-DiT (N = 4) + ToMe r = 0.5 vs DC-DiT alone, one forward; target: faster.
 
     dyncompute bench tome_attention fora_ddim50 taylorseer_ddim50 dcdit_tome
 """
 from __future__ import annotations
 
-import os
+import json
 from pathlib import Path
 
 import torch
 
 from dyncompute.bench import BenchPair, Timed, register_case
+from dyncompute.errors import UserError
 from dyncompute.flops import count_forward
 from dyncompute.model import DiffusionTransformer
 
@@ -82,16 +83,24 @@ def dcdit_tome_case(batch: int = BATCH) -> list[BenchPair]:
                          lambda r: r["time_ratio"] < 1, "DC-DiT N=4 D=256 depth 6")
 
 
-def quickstart_run(name: str = "dit2") -> Path:
-    run = Path(os.environ.get("DYNCOMPUTE_QUICKSTART_RUNS", "runs/quickstart")) / name
-    if not (run / "checkpoints").is_dir():
-        raise FileNotFoundError(f"no trained quickstart run at {run}: run `dyncompute quickstart` (or set "
-                                f"DYNCOMPUTE_QUICKSTART_RUNS to its --runs folder)")
-    return run
+SWEEP = Path("runs/reducers")  # dyncompute sweep experiments/sweeps/reducers.gin --out runs/reducers
 
 
-def _cache_pair(case: str, reducers: list[str], bindings: list[str], images: int = 32, steps: int = 50):
-    run = quickstart_run()
+def trained_run(run: str | None = None, model: str = "DiT/2") -> Path:
+    """``run``, or the reducer sweep's trained run of ``model`` (found through its sweep.json)."""
+    if run is None and (SWEEP / "sweep.json").is_file():
+        cells = json.loads((SWEEP / "sweep.json").read_text())["cells"]
+        ids = {c["train_id"] for c in cells if c["labels"].get("model") == model}
+        run = SWEEP / "runs" / ids.pop() if len(ids) == 1 else None
+    if run is None or not (Path(run) / "checkpoints").is_dir():
+        raise UserError(f"no trained {model} at {run or SWEEP}: run `dyncompute sweep experiments/sweeps/reducers.gin "
+                        f"--out {SWEEP}` first, or pass --arg run=RUN_DIR")
+    return Path(run)
+
+
+def _cache_pair(case: str, reducers: list[str], bindings: list[str], run: str | None = None, images: int = 32,
+                steps: int = 50):
+    run = trained_run(run)
     plain = load_variant(run, [], [])
     cached = load_variant(run, reducers, bindings)
     reference, subject = sampling_call(plain, images, steps), sampling_call(cached, images, steps)
@@ -106,11 +115,11 @@ def _cache_pair(case: str, reducers: list[str], bindings: list[str], images: int
 
 
 @register_case("fora_ddim50")
-def fora_case() -> list[BenchPair]:
-    return _cache_pair("fora_ddim50", ["fora"], ["reducers.fora.interval = 2"])
+def fora_case(run: str | None = None, images: int = 32) -> list[BenchPair]:
+    return _cache_pair("fora_ddim50", ["fora"], ["reducers.fora.interval = 2"], run, images)
 
 
 @register_case("taylorseer_ddim50")
-def taylorseer_case() -> list[BenchPair]:
+def taylorseer_case(run: str | None = None, images: int = 32) -> list[BenchPair]:
     return _cache_pair("taylorseer_ddim50", ["taylorseer"], ["reducers.taylorseer.interval = 3",
-                                                             "reducers.taylorseer.order = 2"])
+                                                             "reducers.taylorseer.order = 2"], run, images)

@@ -1,7 +1,6 @@
-"""A trained run sampled with and without reducers: the pieces the benchmarks and the report share."""
+"""A trained run sampled with and without reducers, as the reducer benchmarks time and count it."""
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -38,14 +37,3 @@ def recorded(model, images: int, steps: int, sampler: str = "ddim",
 def trajectory_macs(model, images: int, steps: int, sampler: str = "ddim") -> float:
     """Useful MACs per image of a sampling call."""
     return recorded(model, images, steps, sampler)[0].useful_macs_per_image
-
-
-def timed(call: Callable[[], object], repeats: int = 3) -> float:
-    """Median wall-clock seconds of ``call`` (after one warm-up call)."""
-    call()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
