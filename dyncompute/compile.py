@@ -9,10 +9,13 @@ take it) compiles, on first call:
   tensors, attention is one custom operator), so a new set of lengths does not recompile, and all blocks
   share one graph; the tokenizer's ``static_parts`` (e.g. DC-DiT's convolutional ends, whose shapes
   follow the input grid) are compiled with static shapes.
-``nn.Module.compile`` leaves parameter names and state dicts as they are (checkpoints, EMA copies and
-FLOP counting see the plain modules); ``torch.compiler.set_stance("force_eager")`` runs eager.
+``nn.Module.compile`` leaves parameter names and state dicts as they are (checkpoints and EMA copies see
+the plain modules); ``torch.compiler.set_stance("force_eager")`` runs eager, and `plain_modules` lets
+TorchScript tracing (fvcore's FLOP count), which cannot enter compiled code, trace the modules as written.
 """
 from __future__ import annotations
+
+import contextlib
 
 from torch import nn
 
@@ -29,3 +32,16 @@ def compile_model(model: nn.Module) -> nn.Module:
         tokenizer.get_submodule(name).compile()
     return model
 
+
+
+@contextlib.contextmanager
+def plain_modules(model: nn.Module):
+    """Calls to ``model``'s compiled submodules run their plain forward inside this context."""
+    compiled = [(m, m._compiled_call_impl) for m in model.modules() if m._compiled_call_impl is not None]
+    for m, _ in compiled:  # what nn.Module.compile set; nn.Module.__call__ falls back to _call_impl
+        m._compiled_call_impl = None
+    try:
+        yield model
+    finally:
+        for m, impl in compiled:
+            m._compiled_call_impl = impl

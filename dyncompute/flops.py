@@ -49,6 +49,7 @@ with warnings.catch_warnings():  # fvcore's import touches the deprecated torch.
     from fvcore.nn.jit_handles import get_shape, norm_flop_counter
 
 from . import attention
+from .compile import plain_modules
 from .observe import Infos, Observed
 from .tokens import Tokens
 
@@ -227,7 +228,7 @@ def counting(model: nn.Module):
     attention.flash_attn_varlen_func = None
     model.eval()
     try:
-        with torch.no_grad(), warnings.catch_warnings(), torch.compiler.set_stance("force_eager"):
+        with torch.no_grad(), warnings.catch_warnings(), plain_modules(model):
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -328,7 +329,7 @@ def count_macs(fn, *inputs, owner: nn.Module | None = None) -> int:
     """Exact MACs of ``fn(*inputs)`` by the conventions of this module (reducers count their own
     arithmetic with it); an operator without a handle is an error here, never a silent zero."""
     module = _Fn(fn, owner)
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), plain_modules(owner or module):
         warnings.simplefilter("ignore")
         was = attention.flash_attn_varlen_func
         attention.flash_attn_varlen_func = None

@@ -162,6 +162,15 @@ def test_compiled_dit_equals_eager():
     compiled, eager = pair()
     assert compiled.state_dict().keys() == eager.state_dict().keys()  # checkpoints are unchanged
     assert_same_step(compiled, eager, *batch(3, 0))
+    assert_counted_alike(compiled, eager, *batch(3, 0))
+
+
+def assert_counted_alike(compiled, eager, x, t, y):
+    """A compiled model (after compiled calls) counts exactly like its eager twin: fvcore traces it as written."""
+    from dyncompute.flops import count_forward
+
+    a, b = count_forward(compiled, x, t, y), count_forward(eager, x, t, y)
+    assert a.useful_macs == b.useful_macs > 0 and not a.unsupported_ops
 
 
 @needs_compiler
@@ -187,6 +196,7 @@ def test_compiled_dcdit_equals_eager_without_recompiling_for_new_lengths():
         with torch._dynamo.config.patch(error_on_recompile=i > 0):  # new lengths, same batch size
             assert_same_step(compiled, eager, x, t, y)
     assert len(set(seen)) == len(seen)
+    assert_counted_alike(compiled, eager, x, t, y)
 
 
 # --------------------------------------------------------------------------- bench instruments
