@@ -155,11 +155,15 @@ def _panel(ax, agg: pd.DataFrame, metric: str, goal: str, colours: dict, colour_
 
 def plot_tokens_vs_timestep(results: list[dict]):
     """Backbone tokens per image at every sampling step (counted images, conditional branch)."""
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for r in results[:MAX_LINES]:
+    lines: dict[tuple, list[str]] = {}  # one line per distinct trajectory: identical ones share it
+    for r in results:
         d = r.get("compute_details", {})
         if d.get("timesteps"):
-            ax.plot(d["timesteps"], d["tokens_per_step"], marker=".", ms=3, label=r["label"])
+            lines.setdefault((tuple(d["timesteps"]), tuple(d["tokens_per_step"])), []).append(flatten(r)["config"])
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for i, ((t, tokens), labels) in enumerate(list(lines.items())[:MAX_LINES]):
+        label = labels[0] + (f" (and {len(labels) - 1} more, identical)" if len(labels) > 1 else "")
+        ax.plot(t, tokens, marker=".", ms=3, color=f"C{i % 10}", ls="-" if i < 10 else "--", label=label)
     ax.set_xlabel("model timestep input (sampling runs right to left: noisy -> clean)")
     ax.set_ylabel("backbone tokens per image")
     ax.invert_xaxis()
