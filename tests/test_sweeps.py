@@ -27,7 +27,8 @@ TINY = ["train.steps = 2", "train.checkpoint_every = 1", "CellSettings.num_sampl
         "CellSettings.count_images = 1", "CellSettings.heldout_images = 2", "CellSettings.heldout_timesteps = 2",
         "CellSettings.views_samples = 1", "CellSettings.views_steps = 2"]
 # columns that measure this machine at this moment, not the cell's result
-TIMING = ["sampling_wall_ms_per_image", "process_peak_rss_MiB", "train_wall_s", "cell_wall_s", "cell_cpu_s"]
+TIMING = ["sampling_wall_ms_per_image", "sampling_cpu_ms_per_image", "process_peak_rss_MiB", "train_wall_s",
+          "cell_wall_s", "cell_cpu_s"]
 
 
 def _run(out, shard=None, report=False, retry_failed=False):
