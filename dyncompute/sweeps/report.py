@@ -226,12 +226,20 @@ def _status(manifest: dict, results: list, failures: list) -> str:
 
 def _reproduce(manifest: dict, root: Path, out: Path) -> str:
     """The commands that rebuild this report from nothing (training included)."""
-    from .grid import shown_path
-
     to = "" if out.resolve() == root.resolve() else f" --to {shown_path(out)}"
     return (f"Reproduce: `dyncompute sweep {manifest.get('source', 'SWEEP.gin')} --out {shown_path(root)} --jobs 2` "
             "(trains, samples and evaluates every cell; rerun to resume), then "
             f"`dyncompute report {shown_path(root)}{to}`.")
+
+
+def shown_path(path: Path) -> str:
+    """A path as a reader of the report should see it: relative to the project when inside it."""
+    from ..config import PROJECT_ROOT
+
+    try:
+        return Path(path).resolve().relative_to(PROJECT_ROOT).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _grid_table(manifest: dict) -> pd.DataFrame:
