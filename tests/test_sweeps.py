@@ -126,9 +126,13 @@ def test_reducer_sweep_calibrates_teacache_for_its_cells_only():
     assert all(not c.calibrate for c in sweep.cells if c not in tea)
 
 
-def test_calibrated_reducer_cells_fit_it_once_per_trained_run(tmp_path):
+def test_calibrated_reducer_cells_fit_it_once_per_trained_run(tmp_path, monkeypatch):
     """sweep.calibrate: a TeaCache cell calibrates on its trained run (cached there) and samples with it;
-    the uncached cell's samples are the reference samples."""
+    the uncached cell's samples are the reference samples; cells report the evaluation's sample quality."""
+    cached = ROOT / "tests" / "reference" / "shapes_classifier-3110ed51bfdeaddb.pt"  # the default classifier
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / cached.name).write_bytes(cached.read_bytes())
+    monkeypatch.setenv("DYNCOMPUTE_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "tea.gin"
     path.write_text(f"""
 sweep.base = ['{ROOT / "experiments" / "quickstart" / "dit.gin"}']
@@ -138,9 +142,13 @@ sweep.axes = {{'reducer': {{'none': [], 'TeaCache': ["DiffusionTransformer.reduc
 sweep.bindings = ['generate.sampler = "ddim"', 'generate.num_steps = 8']
 sweep.reference = ['generate.num_steps = 8']
 """)
-    sweep = load_sweep(path, TINY)
+    quality = ["CellSettings.num_samples = 65", "CellSettings.quality_features = ['shapes_classifier']"]
+    sweep = load_sweep(path, TINY + quality)  # 65: more samples than the classifier's 64 features (FID)
     run_sweep(path, tmp_path / "out", ExecutorConfig("debug"), progress=False, sweep=sweep, threads=1, report=False)
     rows = pd.read_csv(tmp_path / "out" / "results.csv").set_index("reducer")
+    for metric in ("fid_shapes", "is_shapes", "cas", "fid_shapes_real", "cas_real"):
+        assert rows[metric].notna().all(), metric
+    assert rows["cas_real"].min() > 0.9 and rows["fid_shapes"].min() > rows["fid_shapes_real"].max()
     assert (rows["NFE"] == 8).all() and rows.loc["TeaCache", "backbone_evaluations"] < 8
     # the uncached cell samples as the reference does: its own samples are the reference
     assert [c.labels["reducer"] for c in sweep.cells if c.reference_is_self] == ["none"]

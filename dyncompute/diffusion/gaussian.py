@@ -313,13 +313,16 @@ class GaussianDiffusion:
         """DDIM step (Song et al. 2021, eq. 12); η = 0 is deterministic, η = 1 is DDPM-like."""
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        abar = self._extract("alphas_cumprod", t, x.shape)
-        abar_prev = self._extract("alphas_cumprod_prev", t, x.shape)
+        per_sample = (len(t),) + (1,) * (x.ndim - 1)  # coefficients stay per sample; the products broadcast
+        abar = self._extract("alphas_cumprod", t, per_sample)
+        abar_prev = self._extract("alphas_cumprod_prev", t, per_sample)
         sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
-        noise = _randn_like(x, generator)
         mean = (
             out["pred_xstart"] * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma**2) * eps
         )
+        if eta == 0:  # deterministic: the noise would be multiplied by 0, so none is drawn
+            return {"sample": mean, "pred_xstart": out["pred_xstart"]}
+        noise = _randn_like(x, generator)
         sample = mean + _nonzero_mask(t, x) * sigma * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 

@@ -31,6 +31,7 @@ from ..errors import UserError
 from ..io import atomic_write_text
 from .cell import RESULT, TRAINED, cell_dir, cell_status, prepare, record_failure, run_dir
 from .executors import CellExecutor, ExecutorConfig
+from .report import shown_path
 from .spec import Cell, Sweep, load_sweep
 
 log = logging.getLogger(__name__)
@@ -303,15 +304,6 @@ def write_manifest(root: Path, sweep: Sweep) -> Path:
     }
     return atomic_write_text(json.dumps(manifest, indent=1), root / MANIFEST)
 
-
-def shown_path(path: Path) -> str:
-    """A path as a reader of the report should see it: relative to the project when inside it."""
-    from ..config import PROJECT_ROOT
-
-    try:
-        return Path(path).resolve().relative_to(PROJECT_ROOT).as_posix()
-    except ValueError:
-        return str(path)
 
 
 @contextlib.contextmanager

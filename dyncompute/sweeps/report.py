@@ -161,18 +161,22 @@ def _panel(ax, agg: pd.DataFrame, metric: str, goal: str, colours: dict, colour_
     ax.set_xlabel(f"per-image {unit} over the sampling trajectory (FLOPs = 2 x MACs)", fontsize=8)
     ax.xaxis.set_major_locator(plt.MaxNLocator(5))
     ax.set_ylabel(f"{metric} ({'lower' if goal == 'min' else 'higher'} is better)")
-    if shown.any() and x[shown].max() > 5 * x[shown].min() > 0:
+    if shown.any() and x[shown].max() > 20 * x[shown].min() > 0:  # decades apart: log; else readable linear ticks
         ax.set_xscale("log")
     ax.grid(alpha=0.3)
 
 
 def plot_tokens_vs_timestep(results: list[dict]):
     """Backbone tokens per image at every sampling step (counted images, conditional branch)."""
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for r in results[:MAX_LINES]:
+    lines: dict[tuple, list[str]] = {}  # one line per distinct trajectory: identical ones share it
+    for r in results:
         d = r.get("compute_details", {})
         if d.get("timesteps"):
-            ax.plot(d["timesteps"], d["tokens_per_step"], marker=".", ms=3, label=r["label"])
+            lines.setdefault((tuple(d["timesteps"]), tuple(d["tokens_per_step"])), []).append(flatten(r)["config"])
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for i, ((t, tokens), labels) in enumerate(list(lines.items())[:MAX_LINES]):
+        label = labels[0] + (f" (and {len(labels) - 1} more, identical)" if len(labels) > 1 else "")
+        ax.plot(t, tokens, marker=".", ms=3, color=f"C{i % 10}", ls="-" if i < 10 else "--", label=label)
     ax.set_xlabel("model timestep input (sampling runs right to left: noisy -> clean)")
     ax.set_ylabel("backbone tokens per image")
     ax.invert_xaxis()
@@ -235,12 +239,20 @@ def _status(manifest: dict, results: list, failures: list) -> str:
 
 def _reproduce(manifest: dict, root: Path, out: Path) -> str:
     """The commands that rebuild this report from nothing (training included)."""
-    from .grid import shown_path
-
     to = "" if out.resolve() == root.resolve() else f" --to {shown_path(out)}"
     return (f"Reproduce: `dyncompute sweep {manifest.get('source', 'SWEEP.gin')} --out {shown_path(root)} --jobs 2` "
             "(trains, samples and evaluates every cell; rerun to resume), then "
             f"`dyncompute report {shown_path(root)}{to}`.")
+
+
+def shown_path(path: Path) -> str:
+    """A path as a reader of the report should see it: relative to the project when inside it."""
+    from ..config import PROJECT_ROOT
+
+    try:
+        return Path(path).resolve().relative_to(PROJECT_ROOT).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _grid_table(manifest: dict) -> pd.DataFrame:
