@@ -30,8 +30,8 @@ from .config import bound_arguments, scoped
 from .diffusion import make_objective
 from .errors import CheckpointError, ConfigError, Diverged, RunDirError, one_line
 from .evaluation.heldout import attach_evaluator
-from .io import atomic_save, atomic_write, atomic_write_text
 from .finetune import LossTerm, TrainingExtension
+from .io import atomic_save, atomic_write, atomic_write_text
 from .model import DiffusionTransformer
 from .observe import Evaluation, Observed
 from .registry import DATASETS

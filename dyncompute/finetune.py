@@ -69,7 +69,8 @@ def load_shared(model: torch.nn.Module, state: dict, source, new_prefixes=("redu
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
              if k in own and v.shape != own[k].shape]
     if wrong:
-        raise ConfigError(f"checkpoint {source} does not fit the model (source vs model shapes): {', '.join(wrong[:4])}")
+        raise ConfigError(f"checkpoint {source} does not fit the model (source vs model shapes): "
+                          f"{', '.join(wrong[:4])}")
     missing = [k for k in own if k not in state and not k.startswith(tuple(new_prefixes))]
     extra = [k for k in state if k not in own]
     if missing or extra:

@@ -109,7 +109,8 @@ IGNORED_OPS = frozenset({
     "aten::scatter_", "aten::scatter_add", "aten::scatter_add_", "aten::take_along_dim", "aten::repeat",
     "aten::repeat_interleave", "aten::expand_as", "aten::view_as", "aten::flip", "aten::unfold",
     "aten::pad", "aten::clone", "aten::alias", "aten::lift_fresh", "aten::numpy_T", "aten::movedim",
-    "aten::unflatten", "aten::unique_dim", "aten::isin", "aten::bincount", "aten::tensor_split", "aten::tile", "aten::broadcast_tensors", "aten::_unsafe_view",
+    "aten::unflatten", "aten::unique_dim", "aten::isin", "aten::bincount",
+    "aten::tensor_split", "aten::tile", "aten::broadcast_tensors", "aten::_unsafe_view",
     "aten::resolve_conj", "aten::resolve_neg", "aten::detach_", "aten::item", "aten::_local_scalar_dense",
     # creation and random draws
     "aten::ones_like", "aten::empty_like", "aten::new_ones", "aten::fill_", "aten::zero_", "aten::tensor",

@@ -273,7 +273,8 @@ class Hooks:
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
         """Every reducer's auxiliary losses of this forward, keyed ``<name>.<loss>``."""
-        return {f"{_name(r)}.{k}": v for i, r in enumerate(self.reducers) for k, v in r.aux_losses(self.scratch[i]).items()}
+        return {f"{_name(r)}.{k}": v for i, r in enumerate(self.reducers)
+                for k, v in r.aux_losses(self.scratch[i]).items()}
 
 
 def _name(reducer: Reducer) -> str:

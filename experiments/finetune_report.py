@@ -1,0 +1,248 @@
+"""Reports of the fine-tuning studies (see finetune_study.py): reports/upcycling/ and reports/dydit/.
+
+Quality is the held-out denoising loss: the mean over the evaluator's timesteps (0 ... 999) of the
+ε-prediction MSE on 64 held-out images of the built-in data (`dyncompute.evaluation.heldout`, EMA
+weights; the same images and noise for every run and step); lower is better, never called FID.
+Compute is per-image MACs over a whole DDPM-250 sampling trajectory without guidance, counted with
+fvcore on what ran (`dyncompute.trajectory`); FLOPs = 2 x MACs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from dyncompute.config import RUN_CONFIGURABLES, scoped  # noqa: E402
+from dyncompute.diffusion import make_objective  # noqa: E402
+from dyncompute.evaluation.heldout import (  # noqa: E402
+    create_heldout_evaluator,
+    evaluate_heldout,
+    heldout_dataset,
+    heldout_loader,
+)
+from dyncompute.io import atomic_write, atomic_write_text  # noqa: E402
+from dyncompute.model import DiffusionTransformer  # noqa: E402
+from dyncompute.runs import CONFIG_FILE, METRICS_FILE, load_run  # noqa: E402
+from dyncompute.trajectory import count_trajectory  # noqa: E402
+
+SAMPLER, STEPS, HELDOUT_IMAGES = "ddpm", 250, 64
+UP, DY = "runs/upcycling", "runs/dydit"
+
+
+def heldout_curve(run: Path) -> pd.DataFrame:
+    """(step, heldout_loss) of every evaluation during training (``train.eval_every``)."""
+    metrics = pd.read_csv(run / METRICS_FILE)
+    cols = [c for c in metrics if c.startswith("denoising_mse_t")]
+    if not cols:
+        raise FileNotFoundError(f"{run / METRICS_FILE} has no held-out evaluation: train with train.eval_every")
+    rows = metrics.dropna(subset=cols)
+    return pd.DataFrame({"step": rows.step.astype(int), "heldout_loss": rows[cols].mean(axis=1)})
+
+
+def heldout_loss(model, run: Path) -> float:
+    """The same held-out denoising loss as the training curves, for a model built from ``run``."""
+    with scoped([run / CONFIG_FILE], skip_unknown=RUN_CONFIGURABLES):
+        data = heldout_dataset("procedural", HELDOUT_IMAGES)
+    evaluator = create_heldout_evaluator(model, make_objective("gaussian", learn_sigma=model.learn_sigma))
+    metrics = evaluate_heldout(evaluator, model, heldout_loader(data, 32))
+    values = [v for k, v in metrics.items() if k.startswith("denoising_mse_t")]
+    return sum(values) / len(values)
+
+
+def _csv(df: pd.DataFrame, path: Path) -> None:
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
+
+
+def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- upcycling
+
+UPCYCLED = (("upcycled", True), ("upcycled_no_distill", False))
+
+
+def _first_below(curve: pd.DataFrame, loss: float) -> float:
+    reached = curve[curve.heldout_loss <= loss]
+    return float(reached.step.iloc[0]) if len(reached) else float("nan")
+
+
+def _at(curve: pd.DataFrame, step: float) -> float:
+    below = curve[curve.step <= step]
+    return float(below.heldout_loss.iloc[-1]) if len(below) else float("nan")
+
+
+def upcycling_results(root: Path) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    """Per upcycled run: steps to reach the from-scratch DC-DiT's final held-out loss, / its steps."""
+    names = ["dit", "dcdit_scratch", *(n for n, _ in UPCYCLED)]
+    curves = {n: heldout_curve(root / UP / n) for n in names}
+    scratch = curves["dcdit_scratch"]
+    scratch_steps, bar = int(scratch.step.iloc[-1]), float(scratch.heldout_loss.iloc[-1])
+    rows = []
+    for name, distill in UPCYCLED:
+        c = curves[name]
+        steps = _first_below(c, bar)
+        rows.append({
+            "run": name, "distillation_warmup": distill, "scratch_steps": scratch_steps,
+            "scratch_final_heldout_loss": bar, "upcycled_steps_trained": int(c.step.iloc[-1]),
+            "steps_to_reach_scratch_final": steps, "steps_ratio": steps / scratch_steps,
+            "upcycled_heldout_loss_at_quarter": _at(c, scratch_steps / 4),
+            "scratch_heldout_loss_at_quarter": _at(scratch, scratch_steps / 4),
+            "upcycled_final_heldout_loss": float(c.heldout_loss.iloc[-1]),
+            "scratch_steps_to_reach_upcycled_final": _first_below(scratch, float(c.heldout_loss.iloc[-1])),
+            "dit_source_steps": int(curves["dit"].step.iloc[-1]),
+            "dit_source_final_heldout_loss": float(curves["dit"].heldout_loss.iloc[-1]),
+        })
+    return pd.DataFrame(rows), curves
+
+
+def upcycling_figure(curves: dict[str, pd.DataFrame], results: pd.DataFrame, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    labels = {"dcdit_scratch": "DC-DiT N=4 from scratch", "upcycled": "DC-DiT upcycled from DiT/2 + distillation",
+              "upcycled_no_distill": "DC-DiT upcycled from DiT/2, no distillation",
+              "dit": "DiT/2 from scratch (the upcycling source)"}
+    for name, label in labels.items():
+        c = curves[name]
+        style = dict(color="gray", lw=1, alpha=0.6) if name == "dit" else dict(marker=".", ms=4)
+        ax.plot(c.step, c.heldout_loss, label=label, **style)
+    bar, steps = results.scratch_final_heldout_loss.iloc[0], results.scratch_steps.iloc[0]
+    ax.axhline(bar, color="black", ls="--", lw=1, label=f"from-scratch DC-DiT final ({steps} steps)")
+    ax.axvline(steps / 4, color="black", ls=":", lw=1, label="1/4 of the from-scratch steps")
+    ax.set_yscale("log")
+    ax.set_xlim(0, max(steps, 1) * 1.05)
+    _finish(fig, ax, path, "training steps of the run (upcycled runs: steps after upcycling)",
+            "held-out denoising loss (ε MSE, mean over timesteps; log)", "Upcycling DC-DiT from DiT (EMA weights)")
+
+
+def upcycling_outcome(results: pd.DataFrame) -> str:
+    lines = ["Outcome (claim: the from-scratch final loss in <= 1/4 of its steps):"]
+    for _, r in results.iterrows():
+        if pd.notna(r.steps_ratio):
+            verdict = "met" if r.steps_ratio <= 0.25 else "not met"
+            lines.append(f"- `{r.run}`: reached it after {r.steps_to_reach_scratch_final:.0f} steps, "
+                         f"steps_ratio {r.steps_ratio:.3f}: {verdict}.")
+        else:
+            lines.append(f"- `{r.run}`: not reached within {r.upcycled_steps_trained} steps "
+                         f"({r.upcycled_steps_trained / r.scratch_steps:.2f} of the from-scratch steps): not met; "
+                         f"its final loss {r.upcycled_final_heldout_loss:.4f} is what the from-scratch run reached "
+                         f"after {r.scratch_steps_to_reach_upcycled_final:.0f} steps.")
+    return "\n".join(lines)
+
+
+def upcycling_report(root: Path, out: Path) -> pd.DataFrame:
+    out.mkdir(parents=True, exist_ok=True)
+    results, curves = upcycling_results(root)
+    _csv(results, out / "results.csv")
+    long = pd.concat([c.assign(run=n) for n, c in curves.items()], ignore_index=True)
+    _csv(long[["run", "step", "heldout_loss"]], out / "curves.csv")
+    upcycling_figure(curves, results, out / "heldout_loss.png")
+    cols = ["run", "steps_to_reach_scratch_final", "scratch_steps", "steps_ratio", "upcycled_heldout_loss_at_quarter",
+            "scratch_heldout_loss_at_quarter", "scratch_final_heldout_loss", "upcycled_final_heldout_loss"]
+    atomic_write_text(f"""# Upcycling DC-DiT from DiT on the built-in data
+
+{results[cols].round(4).to_markdown(index=False)}
+
+{upcycling_outcome(results)}
+
+![held-out loss](heldout_loss.png)
+""", out / "summary.md")
+    return results
+
+
+# --------------------------------------------------------------------------- DyDiT
+
+MODELS = (  # run, family, label, λ
+    (f"{UP}/dit", "DiT/2", "DiT/2", None),
+    (f"{DY}/dit_continued", "DiT/2", "DiT/2 (+fine-tune steps)", None),
+    (f"{DY}/dit_dydit_0.7", "DiT/2", "DyDiT λ=0.7", 0.7),
+    (f"{DY}/dit_dydit_0.5", "DiT/2", "DyDiT λ=0.5", 0.5),
+    (f"{UP}/dcdit_scratch", "DC-DiT N=4", "DC-DiT N=4", None),
+    (f"{DY}/dcdit_dydit_0.7", "DC-DiT N=4", "DC-DiT + DyDiT λ=0.7", 0.7),
+    (f"{DY}/dcdit_dydit_0.5", "DC-DiT N=4", "DC-DiT + DyDiT λ=0.5", 0.5),
+)
+
+
+def without_reducers(run: Path, model: DiffusionTransformer) -> DiffusionTransformer:
+    """The run's model and weights with every reducer removed: DyDiT's full-width reference."""
+    with scoped([run / CONFIG_FILE], ["DiffusionTransformer.reducers = []"], skip_unknown=RUN_CONFIGURABLES):
+        plain = DiffusionTransformer()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("reducers.")})
+    return plain.eval()
+
+
+def trajectory_macs(model, images: int) -> tuple[float, float, list[str]]:
+    """Per-image useful MACs (whole model, backbone) over a DDPM-250 trajectory without guidance."""
+    count, _ = count_trajectory(model, num_samples=images, sampler=SAMPLER, num_steps=STEPS, cfg_scale=1.0,
+                                seed=0, device="cpu")
+    return count.useful_macs_per_image, count.by_component.get("backbone", 0.0), count.notes
+
+
+def dydit_results(root: Path, images: int) -> tuple[pd.DataFrame, list[str]]:
+    rows, notes = [], []
+    for run, family, label, lam in MODELS:
+        if not (root / run / "checkpoints").is_dir():
+            notes.append(f"{label}: not trained ({run} missing), left out")
+            continue
+        model = load_run(root / run).cpu().eval()
+        torch.manual_seed(0)
+        macs, backbone, n = trajectory_macs(model, images)
+        notes += [f"{label}: {x}" for x in n]
+        row = {"model": label, "run": run, "family": family, "target_lambda": lam,
+               "heldout_loss": heldout_loss(model, root / run), "per_image_GMACs": macs / 1e9,
+               "per_image_TFLOPs": 2 * macs / 1e12, "backbone_per_image_GMACs": backbone / 1e9}
+        if lam is not None:
+            full, full_backbone, _ = trajectory_macs(without_reducers(root / run, model), images)
+            ratio, backbone_ratio = macs / full, backbone / full_backbone
+            row.update(full_width_per_image_GMACs=full / 1e9, macs_ratio=ratio, backbone_macs_ratio=backbone_ratio,
+                       within_5pct_of_target=abs(ratio / lam - 1) <= 0.05,
+                       backbone_within_5pct_of_target=abs(backbone_ratio / lam - 1) <= 0.05)
+        rows.append(row)
+    return pd.DataFrame(rows), notes
+
+
+def dydit_figure(df: pd.DataFrame, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for family, marker in (("DiT/2", "o"), ("DC-DiT N=4", "s")):
+        sub = df[df.family == family]
+        ax.scatter(sub.per_image_TFLOPs, sub.heldout_loss, marker=marker, s=40, label=family)
+        for _, r in sub.iterrows():
+            ax.annotate(r.model, (r.per_image_TFLOPs, r.heldout_loss), fontsize=7, xytext=(4, 3),
+                        textcoords="offset points")
+    _finish(fig, ax, path, f"TFLOPs per image ({SAMPLER.upper()}-{STEPS}, no guidance; FLOPs = 2 x MACs)",
+            "held-out denoising loss (ε MSE, mean over timesteps)", "Quality vs compute on the built-in data")
+
+
+def dydit_report(root: Path, out: Path, images: int) -> pd.DataFrame:
+    out.mkdir(parents=True, exist_ok=True)
+    df, notes = dydit_results(root, images)
+    _csv(df, out / "results.csv")
+    dydit_figure(df, out / "quality_vs_tflops.png")
+    cols = ["model", "target_lambda", "heldout_loss", "per_image_TFLOPs", "macs_ratio", "within_5pct_of_target",
+            "backbone_macs_ratio", "backbone_within_5pct_of_target"]
+    lines = "\n".join(f"- {n}" for n in dict.fromkeys(notes)) or "- none"
+    atomic_write_text(f"""# DyDiT and DC-DiT + DyDiT on the built-in data
+
+{df[[c for c in cols if c in df]].round(4).to_markdown(index=False)}
+
+Accounting notes:
+{lines}
+
+![quality vs TFLOPs](quality_vs_tflops.png)
+""", out / "summary.md")
+    return df
+
+
+def write_reports(root: Path, out: Path, images: int = 4) -> None:
+    print(upcycling_report(root, out / "upcycling").to_string(index=False))
+    print(dydit_report(root, out / "dydit", images).to_string(index=False))
