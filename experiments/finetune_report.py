@@ -70,7 +70,7 @@ def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:
 
 # --------------------------------------------------------------------------- upcycling
 
-UPCYCLED = (("upcycled", True), ("upcycled_no_distill", False))
+UPCYCLED = (("upcycled", True, 0.1), ("upcycled_no_distill", False, 0.1), ("upcycled_no_distill_block_lr1", False, 1.0))
 
 
 def _first_below(curve: pd.DataFrame, loss: float) -> float:
@@ -85,16 +85,16 @@ def _at(curve: pd.DataFrame, step: float) -> float:
 
 def upcycling_results(root: Path) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """Per upcycled run: steps to reach the from-scratch DC-DiT's final held-out loss, / its steps."""
-    names = ["dit", "dcdit_scratch", *(n for n, _ in UPCYCLED)]
+    names = ["dit", "dcdit_scratch", *(n for n, _, _ in UPCYCLED)]
     curves = {n: heldout_curve(root / UP / n) for n in names}
     scratch = curves["dcdit_scratch"]
     scratch_steps, bar = int(scratch.step.iloc[-1]), float(scratch.heldout_loss.iloc[-1])
     rows = []
-    for name, distill in UPCYCLED:
+    for name, distill, block_lr in UPCYCLED:
         c = curves[name]
         steps = _first_below(c, bar)
         rows.append({
-            "run": name, "distillation_warmup": distill, "scratch_steps": scratch_steps,
+            "run": name, "distillation_warmup": distill, "block_lr_scale": block_lr, "scratch_steps": scratch_steps,
             "scratch_final_heldout_loss": bar, "upcycled_steps_trained": int(c.step.iloc[-1]),
             "steps_to_reach_scratch_final": steps, "steps_ratio": steps / scratch_steps,
             "upcycled_heldout_loss_at_quarter": _at(c, scratch_steps / 4),
@@ -109,8 +109,10 @@ def upcycling_results(root: Path) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]
 
 def upcycling_figure(curves: dict[str, pd.DataFrame], results: pd.DataFrame, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    labels = {"dcdit_scratch": "DC-DiT N=4 from scratch", "upcycled": "DC-DiT upcycled from DiT/2 + distillation",
-              "upcycled_no_distill": "DC-DiT upcycled from DiT/2, no distillation",
+    labels = {"dcdit_scratch": "DC-DiT N=4 from scratch",
+              "upcycled": "upcycled + distillation (blocks at 0.1 lr)",
+              "upcycled_no_distill": "upcycled, no distillation (blocks at 0.1 lr)",
+              "upcycled_no_distill_block_lr1": "upcycled, no distillation (blocks at full lr)",
               "dit": "DiT/2 from scratch (the upcycling source)"}
     for name, label in labels.items():
         c = curves[name]

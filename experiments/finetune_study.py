@@ -29,6 +29,9 @@ JOBS = {  # name -> (run directory, dyncompute arguments, runs it starts from)
     "upcycled": (f"{UP}/upcycled", ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle.gin"], ["dit"]),
     "upcycled_no_distill": (f"{UP}/upcycled_no_distill",
                             ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle_no_distill.gin"], ["dit"]),
+    "upcycled_no_distill_block_lr1": (f"{UP}/upcycled_no_distill_block_lr1",
+                                      ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle_no_distill.gin",
+                                       "-b", "upcycling.block_lr_scale = 1.0"], ["dit"]),
     "dit_dydit_0.7": (f"{DY}/dit_dydit_0.7", ["train", "experiments/dydit/dydit.gin", "-b",
                                               "reducers.dydit.target = 0.7"], ["dit"]),
     "dit_dydit_0.5": (f"{DY}/dit_dydit_0.5", ["train", "experiments/dydit/dydit.gin", "-b",
@@ -39,8 +42,8 @@ JOBS = {  # name -> (run directory, dyncompute arguments, runs it starts from)
     "dcdit_dydit_0.5": (f"{DY}/dcdit_dydit_0.5", ["train", "experiments/dydit/dcdit_dydit.gin", "-b",
                                                   "reducers.dydit.target = 0.5"], ["dcdit_scratch"]),
 }
-DEFAULT = ["dit", "dcdit_scratch", "upcycled", "upcycled_no_distill", "dit_dydit_0.7", "dit_dydit_0.5",
-           "dit_continued"]
+DEFAULT = ["dit", "dcdit_scratch", "upcycled", "upcycled_no_distill", "upcycled_no_distill_block_lr1",
+           "dit_dydit_0.7", "dit_dydit_0.5", "dit_continued"]
 
 
 def run(name: str, extra: list[str]) -> bool:
