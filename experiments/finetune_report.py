@@ -8,6 +8,7 @@ fvcore on what ran (`dyncompute.trajectory`); FLOPs = 2 x MACs.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -27,7 +28,7 @@ from dyncompute.evaluation.heldout import (  # noqa: E402
 )
 from dyncompute.io import atomic_write, atomic_write_text  # noqa: E402
 from dyncompute.model import DiffusionTransformer  # noqa: E402
-from dyncompute.runs import CONFIG_FILE, METRICS_FILE, load_run  # noqa: E402
+from dyncompute.runs import CONFIG_FILE, METRICS_FILE, latest_checkpoint, load_run  # noqa: E402
 from dyncompute.trajectory import count_trajectory  # noqa: E402
 
 SAMPLER, STEPS, HELDOUT_IMAGES = "ddpm", 250, 64
@@ -122,7 +123,7 @@ def upcycling_figure(curves: dict[str, pd.DataFrame], results: pd.DataFrame, pat
     ax.axhline(bar, color="black", ls="--", lw=1, label=f"from-scratch DC-DiT final ({steps} steps)")
     ax.axvline(steps / 4, color="black", ls=":", lw=1, label="1/4 of the from-scratch steps")
     ax.set_yscale("log")
-    ax.set_xlim(0, max(steps, 1) * 1.05)
+    ax.set_xlim(0, max(int(c.step.max()) for c in curves.values()) * 1.03)
     _finish(fig, ax, path, "training steps of the run (upcycled runs: steps after upcycling)",
             "held-out denoising loss (ε MSE, mean over timesteps; log)", "Upcycling DC-DiT from DiT (EMA weights)")
 
@@ -151,14 +152,45 @@ def upcycling_report(root: Path, out: Path) -> pd.DataFrame:
     upcycling_figure(curves, results, out / "heldout_loss.png")
     cols = ["run", "steps_to_reach_scratch_final", "scratch_steps", "steps_ratio", "upcycled_heldout_loss_at_quarter",
             "scratch_heldout_loss_at_quarter", "scratch_final_heldout_loss", "upcycled_final_heldout_loss"]
+    dit_steps, scratch_steps = int(results.dit_source_steps.iloc[0]), int(results.scratch_steps.iloc[0])
+    upcycled_steps = int(results.upcycled_steps_trained.max())
     atomic_write_text(f"""# Upcycling DC-DiT from DiT on the built-in data
+
+Tiny quickstart-size models on this project's procedural data (32x32x3, 10 classes; width 64, depth 4,
+4 heads), batch 32, lr 1e-3 (30 warm-up steps; upcycled runs 10), EMA 0.95, one process with
+OMP_NUM_THREADS=1 on a shared 2-core CPU, one seed per run. The DiT/2 source trained
+{dit_steps} steps; the DC-DiT N = 4 from scratch {scratch_steps} steps; the upcycled
+DC-DiTs (backbone blocks and t/y embedders copied from the DiT's EMA weights, embedders frozen, a
+LayerNorm adaptor on the scaffold's conditioning, the rest of the scaffold freshly initialised) up to
+{upcycled_steps} steps: with a 100-step distillation warm-up (block-output MSE against the frozen DiT
+at matching grid positions, weight 1, added to the diffusion loss) and the copied blocks at 0.1 x lr;
+without distillation at 0.1 x lr; without distillation at the full lr.
+
+Quality: held-out denoising loss = mean over the timesteps 0, 20, 50, 100, 250, 500, 750, 999 of the
+ε-prediction MSE of the EMA model on 64 held-out images (a seed training never uses, fixed noise;
+`train.eval_every`, `dyncompute.evaluation.heldout`). `steps_ratio` = steps the upcycled run needs to
+first reach the from-scratch run's final held-out loss / the from-scratch run's steps (empty: not
+reached within the steps trained).
 
 {results[cols].round(4).to_markdown(index=False)}
 
 {upcycling_outcome(results)}
 
 ![held-out loss](heldout_loss.png)
-""", out / "summary.md")
+
+Files: `results.csv`, `curves.csv` (every evaluation of every run). Commands (from the repository root):
+
+```
+python experiments/finetune_study.py train --only dit dcdit_scratch upcycled upcycled_no_distill \\
+    upcycled_no_distill_block_lr1 --jobs 2
+python experiments/finetune_study.py report
+```
+
+which run `dyncompute train experiments/upcycling/dit.gin --run-dir runs/upcycling/dit`,
+`dyncompute train experiments/upcycling/dcdit_scratch.gin --run-dir runs/upcycling/dcdit_scratch`,
+`dyncompute upcycle runs/upcycling/dit experiments/upcycling/upcycle.gin --run-dir runs/upcycling/upcycled`,
+the same with `upcycle_no_distill.gin`, and with `-b "upcycling.block_lr_scale = 1.0"`.
+""", out / "report.md")
     return results
 
 
@@ -192,25 +224,36 @@ def trajectory_macs(model, images: int) -> tuple[float, float, list[str]]:
 
 def dydit_results(root: Path, images: int) -> tuple[pd.DataFrame, list[str]]:
     rows, notes = [], []
+    cache_path = root / DY / "report_rows.json"  # rows of runs counted before (same newest checkpoint)
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     for run, family, label, lam in MODELS:
         if not (root / run / "checkpoints").is_dir():
             notes.append(f"{label}: not trained ({run} missing), left out")
             continue
-        model = load_run(root / run).cpu().eval()
-        torch.manual_seed(0)
-        macs, backbone, n = trajectory_macs(model, images)
-        notes += [f"{label}: {x}" for x in n]
-        row = {"model": label, "run": run, "family": family, "target_lambda": lam,
-               "heldout_loss": heldout_loss(model, root / run), "per_image_GMACs": macs / 1e9,
-               "per_image_TFLOPs": 2 * macs / 1e12, "backbone_per_image_GMACs": backbone / 1e9}
-        if lam is not None:
-            full, full_backbone, _ = trajectory_macs(without_reducers(root / run, model), images)
-            ratio, backbone_ratio = macs / full, backbone / full_backbone
-            row.update(full_width_per_image_GMACs=full / 1e9, macs_ratio=ratio, backbone_macs_ratio=backbone_ratio,
-                       within_5pct_of_target=abs(ratio / lam - 1) <= 0.05,
-                       backbone_within_5pct_of_target=abs(backbone_ratio / lam - 1) <= 0.05)
+        key = f"{run}:{latest_checkpoint(root / run).name}:{images}"
+        if key not in cache:
+            cache[key] = dydit_row(root / run, family, label, lam, images)
+            atomic_write_text(json.dumps(cache, indent=1), cache_path)
+        row = dict(cache[key])
+        notes += [f"{label}: {x}" for x in row.pop("notes")]
         rows.append(row)
     return pd.DataFrame(rows), notes
+
+
+def dydit_row(run: Path, family: str, label: str, lam: float | None, images: int) -> dict:
+    model = load_run(run).cpu().eval()
+    torch.manual_seed(0)
+    macs, backbone, notes = trajectory_macs(model, images)
+    row = {"model": label, "run": str(run.relative_to(run.parents[2])), "family": family, "target_lambda": lam,
+           "heldout_loss": heldout_loss(model, run), "per_image_GMACs": macs / 1e9,
+           "per_image_TFLOPs": 2 * macs / 1e12, "backbone_per_image_GMACs": backbone / 1e9, "notes": notes}
+    if lam is not None:
+        full, full_backbone, _ = trajectory_macs(without_reducers(run, model), images)
+        ratio, backbone_ratio = macs / full, backbone / full_backbone
+        row.update(full_width_per_image_GMACs=full / 1e9, macs_ratio=ratio, backbone_macs_ratio=backbone_ratio,
+                   within_5pct_of_target=abs(ratio / lam - 1) <= 0.05,
+                   backbone_within_5pct_of_target=abs(backbone_ratio / lam - 1) <= 0.05)
+    return row
 
 
 def dydit_figure(df: pd.DataFrame, path: Path) -> None:
@@ -235,13 +278,41 @@ def dydit_report(root: Path, out: Path, images: int) -> pd.DataFrame:
     lines = "\n".join(f"- {n}" for n in dict.fromkeys(notes)) or "- none"
     atomic_write_text(f"""# DyDiT and DC-DiT + DyDiT on the built-in data
 
+DyDiT (`dydit` reducer: TDW routers on the timestep switching heads and MLP channel groups, SDT token
+gates before the MLP, FLOPs loss on the hard decisions towards λ, decision noise annealed to zero)
+fine-tuned from the upcycling study's DiT/2 (400 steps: target warm-up 100, noise annealed over 200)
+and from its from-scratch DC-DiT N = 4 (200 steps: warm-up 50, noise over 100); `DiT/2 (+fine-tune
+steps)` is the DiT continued 400 steps without DyDiT (a control for the extra training). lr 1e-3,
+batch 32, EMA 0.95, FLOPs-loss weight 2, τ = 1, gate biases start at 1 (all on), one seed each.
+
+Quality: held-out denoising loss (mean over timesteps of the ε MSE on 64 held-out images, EMA weights,
+hard gate decisions; as in `reports/upcycling/`). Compute: per-image useful MACs over a whole
+{SAMPLER.upper()}-{STEPS} sampling trajectory (no guidance, {images} images), counted with fvcore on what ran:
+DyDiT's skipped heads, channel groups and tokens are not computed, its routers and gates are counted;
+TFLOPs = 2 x MACs / 1e12. `macs_ratio`: per-image MACs of the DyDiT model / the same weights without
+DyDiT (whole model); `backbone_macs_ratio`: the same for the backbone alone. `within_5pct`:
+|ratio / λ - 1| <= 0.05.
+
 {df[[c for c in cols if c in df]].round(4).to_markdown(index=False)}
 
 Accounting notes:
 {lines}
 
 ![quality vs TFLOPs](quality_vs_tflops.png)
-""", out / "summary.md")
+
+Files: `results.csv`. Commands (from the repository root, after the upcycling study's DiT and DC-DiT):
+
+```
+python experiments/finetune_study.py train --only dit_dydit_0.7 dit_dydit_0.5 dit_continued --jobs 2
+python experiments/finetune_study.py train --only dcdit_dydit_0.7 dcdit_dydit_0.5 --jobs 2 \\
+    -b "train.steps = 200" -b "reducers.dydit.target_warmup_steps = 50" \\
+    -b "reducers.dydit.noise_anneal_steps = 100" -b "train.checkpoint_every = 100"
+python experiments/finetune_study.py report
+```
+
+(`dyncompute train experiments/dydit/dydit.gin --run-dir runs/dydit/dit_dydit_0.5 -b "reducers.dydit.target = 0.5"`
+and likewise for the others.)
+""", out / "report.md")
     return df
 
 
