@@ -9,6 +9,7 @@ fvcore on what ran (`dyncompute.trajectory`); FLOPs = 2 x MACs.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -27,9 +28,9 @@ from dyncompute.evaluation.heldout import (  # noqa: E402
     heldout_loader,
 )
 from dyncompute.io import atomic_write, atomic_write_text  # noqa: E402
-from dyncompute.model import DiffusionTransformer  # noqa: E402
 from dyncompute.runs import CONFIG_FILE, METRICS_FILE, latest_checkpoint, load_run  # noqa: E402
-from dyncompute.trajectory import count_trajectory  # noqa: E402
+from dyncompute.sampling import generate  # noqa: E402
+from dyncompute.trajectory import RowSignature, TrajectoryCount, TrajectoryRecorder  # noqa: E402
 
 SAMPLER, STEPS, HELDOUT_IMAGES = "ddpm", 250, 64
 UP, DY = "runs/upcycling", "runs/dydit"
@@ -53,6 +54,15 @@ def heldout_loss(model, run: Path) -> float:
     metrics = evaluate_heldout(evaluator, model, heldout_loader(data, 32))
     values = [v for k, v in metrics.items() if k.startswith("denoising_mse_t")]
     return sum(values) / len(values)
+
+
+def _table(df: pd.DataFrame, cols: list[str]) -> str:
+    """Markdown table of ``cols``: yes/no checks, empty cells where a value does not apply."""
+    t = df[[c for c in cols if c in df]].round(4).astype(object)
+    for c in t:
+        if "within_5pct" in c:
+            t[c] = t[c].map({True: "yes", False: "no"})
+    return t.where(t.notna(), "").to_markdown(index=False)
 
 
 def _csv(df: pd.DataFrame, path: Path) -> None:
@@ -172,13 +182,14 @@ Quality: held-out denoising loss = mean over the timesteps 0, 20, 50, 100, 250, 
 first reach the from-scratch run's final held-out loss / the from-scratch run's steps (empty: not
 reached within the steps trained).
 
-{results[cols].round(4).to_markdown(index=False)}
+{_table(results, cols)}
 
 {upcycling_outcome(results)}
 
 ![held-out loss](heldout_loss.png)
 
-Files: `results.csv`, `curves.csv` (every evaluation of every run). Commands (from the repository root):
+How the numbers were made and what they say: `NOTES.md`. Files: `results.csv`, `curves.csv` (every
+evaluation of every run). Commands (from the repository root):
 
 ```
 python experiments/finetune_study.py train --only dit dcdit_scratch upcycled upcycled_no_distill \\
@@ -207,19 +218,20 @@ MODELS = (  # run, family, label, λ
 )
 
 
-def without_reducers(run: Path, model: DiffusionTransformer) -> DiffusionTransformer:
-    """The run's model and weights with every reducer removed: DyDiT's full-width reference."""
-    with scoped([run / CONFIG_FILE], ["DiffusionTransformer.reducers = []"], skip_unknown=RUN_CONFIGURABLES):
-        plain = DiffusionTransformer()
-    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("reducers.")})
-    return plain.eval()
-
-
-def trajectory_macs(model, images: int) -> tuple[float, float, list[str]]:
-    """Per-image useful MACs (whole model, backbone) over a DDPM-250 trajectory without guidance."""
-    count, _ = count_trajectory(model, num_samples=images, sampler=SAMPLER, num_steps=STEPS, cfg_scale=1.0,
-                                seed=0, device="cpu")
-    return count.useful_macs_per_image, count.by_component.get("backbone", 0.0), count.notes
+def trajectory_macs(model, images: int) -> dict:
+    """Per-image useful MACs (whole model, backbone) over a DDPM-250 trajectory without guidance, and
+    the same recorded evaluations at full width (every block running all its tokens, heads and
+    channels, no gates): the reference of the MACs ratio, on the very inputs and token counts the
+    dynamic model saw (a DC-DiT's tokens depend on the images it generates)."""
+    rec = TrajectoryRecorder(model)
+    generate(model, num_samples=images, sampler=SAMPLER, num_steps=STEPS, cfg_scale=1.0, seed=0,
+             batch_size=images, observers=[rec], device="cpu")
+    count = rec.count(images)
+    plain = [replace(ev, rows=[RowSignature(r.length, r.backbone_ran) for r in ev.rows]) for ev in rec.evaluations]
+    full = TrajectoryCount.from_evaluations(plain, rec.cost, images)
+    return {"macs": count.useful_macs_per_image, "backbone": count.by_component.get("backbone", 0.0),
+            "full": full.useful_macs_per_image, "full_backbone": full.by_component.get("backbone", 0.0),
+            "notes": count.notes}
 
 
 def dydit_results(root: Path, images: int) -> tuple[pd.DataFrame, list[str]]:
@@ -243,14 +255,14 @@ def dydit_results(root: Path, images: int) -> tuple[pd.DataFrame, list[str]]:
 def dydit_row(run: Path, family: str, label: str, lam: float | None, images: int) -> dict:
     model = load_run(run).cpu().eval()
     torch.manual_seed(0)
-    macs, backbone, notes = trajectory_macs(model, images)
+    m = trajectory_macs(model, images)
     row = {"model": label, "run": str(run.relative_to(run.parents[2])), "family": family, "target_lambda": lam,
-           "heldout_loss": heldout_loss(model, run), "per_image_GMACs": macs / 1e9,
-           "per_image_TFLOPs": 2 * macs / 1e12, "backbone_per_image_GMACs": backbone / 1e9, "notes": notes}
+           "heldout_loss": heldout_loss(model, run), "per_image_GMACs": m["macs"] / 1e9,
+           "per_image_TFLOPs": 2 * m["macs"] / 1e12, "backbone_per_image_GMACs": m["backbone"] / 1e9,
+           "notes": m["notes"]}
     if lam is not None:
-        full, full_backbone, _ = trajectory_macs(without_reducers(run, model), images)
-        ratio, backbone_ratio = macs / full, backbone / full_backbone
-        row.update(full_width_per_image_GMACs=full / 1e9, macs_ratio=ratio, backbone_macs_ratio=backbone_ratio,
+        ratio, backbone_ratio = m["macs"] / m["full"], m["backbone"] / m["full_backbone"]
+        row.update(full_width_per_image_GMACs=m["full"] / 1e9, macs_ratio=ratio, backbone_macs_ratio=backbone_ratio,
                    within_5pct_of_target=abs(ratio / lam - 1) <= 0.05,
                    backbone_within_5pct_of_target=abs(backbone_ratio / lam - 1) <= 0.05)
     return row
@@ -289,18 +301,20 @@ Quality: held-out denoising loss (mean over timesteps of the ε MSE on 64 held-o
 hard gate decisions; as in `reports/upcycling/`). Compute: per-image useful MACs over a whole
 {SAMPLER.upper()}-{STEPS} sampling trajectory (no guidance, {images} images), counted with fvcore on what ran:
 DyDiT's skipped heads, channel groups and tokens are not computed, its routers and gates are counted;
-TFLOPs = 2 x MACs / 1e12. `macs_ratio`: per-image MACs of the DyDiT model / the same weights without
-DyDiT (whole model); `backbone_macs_ratio`: the same for the backbone alone. `within_5pct`:
-|ratio / λ - 1| <= 0.05.
+TFLOPs = 2 x MACs / 1e12. `macs_ratio`: per-image MACs of the DyDiT model / the same recorded
+evaluations at full width (every block on all its tokens, heads and channels, no gates; the same inputs
+and token counts: a DC-DiT's tokens depend on the images it generates); `backbone_macs_ratio`: the same
+for the backbone alone. `within_5pct`: |ratio / λ - 1| <= 0.05.
 
-{df[[c for c in cols if c in df]].round(4).to_markdown(index=False)}
+{_table(df, cols)}
 
 Accounting notes:
 {lines}
 
 ![quality vs TFLOPs](quality_vs_tflops.png)
 
-Files: `results.csv`. Commands (from the repository root, after the upcycling study's DiT and DC-DiT):
+How the numbers were made and what they say: `NOTES.md`. Files: `results.csv`. Commands (from the
+repository root, after the upcycling study's DiT and DC-DiT):
 
 ```
 python experiments/finetune_study.py train --only dit_dydit_0.7 dit_dydit_0.5 dit_continued --jobs 2
