@@ -157,6 +157,7 @@ class Reducer(nn.Module):
     hook_points: ClassVar[tuple[str, ...]] = ()
     flop_components: ClassVar[dict[str, str]] = {}  # like `Tokenizer.flop_components`
     flop_ignored_ops: ClassVar[tuple[str, ...]] = ()
+    trained: ClassVar[bool] = False  # parameters learnt in training: its settings are training settings
     name: str = ""
 
     def __init_subclass__(cls, **kwargs):

@@ -190,3 +190,12 @@ def test_cli_bad_target_wrong_width_exit_2(tmp_path, capsys):
     assert main(["train", str(cfg), "--run-dir", str(tmp_path / "b"), "-b", "train.extension = @fine_tune()",
                  "-b", f"fine_tune.source = '{source}'"]) == 2
     assert "does not fit the model" in capsys.readouterr().err
+
+
+def test_sweeps_treat_dydit_settings_as_training_settings():
+    from dyncompute.sweeps.spec import is_sampling_binding
+
+    assert not is_sampling_binding("reducers.dydit.target = 0.5")
+    assert not is_sampling_binding("DiffusionTransformer.reducers = ['dydit']")
+    assert is_sampling_binding("reducers.fora.interval = 2")
+    assert is_sampling_binding("DiffusionTransformer.reducers = ['fora']")

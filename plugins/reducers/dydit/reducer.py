@@ -37,6 +37,7 @@ class DyDiT(Reducer):
     """Timestep-wise dynamic width + spatial-wise dynamic tokens at a FLOPs target λ = ``target``."""
 
     hook_points = ("attention", "mlp")
+    trained = True
     # The gates run inside the blocks; a traced forward may drop a router whose decision changed nothing
     # (all on), so the gates' arithmetic is reported as work (`report`) and counted exactly apart.
     flop_components = {"": "backbone"}
