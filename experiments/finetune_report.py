@@ -81,7 +81,10 @@ def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:
 
 # --------------------------------------------------------------------------- upcycling
 
-UPCYCLED = (("upcycled", True, 0.1), ("upcycled_no_distill", False, 0.1), ("upcycled_no_distill_block_lr1", False, 1.0))
+UPCYCLED = (  # run, distillation weight (0: none), learning-rate scale of the copied blocks
+    ("upcycled", 1.0, 0.1), ("upcycled_no_distill", 0.0, 0.1), ("upcycled_no_distill_block_lr1", 0.0, 1.0),
+    ("upcycled_block_lr1_distill_w0.1", 0.1, 1.0),
+)
 
 
 def _first_below(curve: pd.DataFrame, loss: float) -> float:
@@ -105,7 +108,7 @@ def upcycling_results(root: Path) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]
         c = curves[name]
         steps = _first_below(c, bar)
         rows.append({
-            "run": name, "distillation_warmup": distill, "block_lr_scale": block_lr, "scratch_steps": scratch_steps,
+            "run": name, "distillation_weight": distill, "block_lr_scale": block_lr, "scratch_steps": scratch_steps,
             "scratch_final_heldout_loss": bar, "upcycled_steps_trained": int(c.step.iloc[-1]),
             "steps_to_reach_scratch_final": steps, "steps_ratio": steps / scratch_steps,
             "upcycled_heldout_loss_at_quarter": _at(c, scratch_steps / 4),
@@ -124,6 +127,7 @@ def upcycling_figure(curves: dict[str, pd.DataFrame], results: pd.DataFrame, pat
               "upcycled": "upcycled + distillation (blocks at 0.1 lr)",
               "upcycled_no_distill": "upcycled, no distillation (blocks at 0.1 lr)",
               "upcycled_no_distill_block_lr1": "upcycled, no distillation (blocks at full lr)",
+              "upcycled_block_lr1_distill_w0.1": "upcycled + distillation x0.1 (blocks at full lr)",
               "dit": "DiT/2 from scratch (the upcycling source)"}
     for name, label in labels.items():
         c = curves[name]
@@ -174,7 +178,8 @@ DC-DiTs (backbone blocks and t/y embedders copied from the DiT's EMA weights, em
 LayerNorm adaptor on the scaffold's conditioning, the rest of the scaffold freshly initialised) up to
 {upcycled_steps} steps: with a 100-step distillation warm-up (block-output MSE against the frozen DiT
 at matching grid positions, weight 1, added to the diffusion loss) and the copied blocks at 0.1 x lr;
-without distillation at 0.1 x lr; without distillation at the full lr.
+without distillation at 0.1 x lr; without distillation at the full lr; with the distillation at weight
+0.1 and the blocks at the full lr.
 
 Quality: held-out denoising loss = mean over the timesteps 0, 20, 50, 100, 250, 500, 750, 999 of the
 ε-prediction MSE of the EMA model on 64 held-out images (a seed training never uses, fixed noise;
@@ -193,14 +198,15 @@ evaluation of every run). Commands (from the repository root):
 
 ```
 python experiments/finetune_study.py train --only dit dcdit_scratch upcycled upcycled_no_distill \\
-    upcycled_no_distill_block_lr1 --jobs 2
+    upcycled_no_distill_block_lr1 upcycled_block_lr1_distill_w0.1 --jobs 2
 python experiments/finetune_study.py report
 ```
 
 which run `dyncompute train experiments/upcycling/dit.gin --run-dir runs/upcycling/dit`,
 `dyncompute train experiments/upcycling/dcdit_scratch.gin --run-dir runs/upcycling/dcdit_scratch`,
 `dyncompute upcycle runs/upcycling/dit experiments/upcycling/upcycle.gin --run-dir runs/upcycling/upcycled`,
-the same with `upcycle_no_distill.gin`, and with `-b "upcycling.block_lr_scale = 1.0"`.
+the same with `upcycle_no_distill.gin`, with `-b "upcycling.block_lr_scale = 1.0"`, and `upcycle.gin` with
+`-b "upcycling.block_lr_scale = 1.0" -b "upcycling.distill_weight = 0.1"`.
 """, out / "report.md")
     return results
 

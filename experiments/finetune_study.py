@@ -32,6 +32,10 @@ JOBS = {  # name -> (run directory, dyncompute arguments, runs it starts from)
     "upcycled_no_distill_block_lr1": (f"{UP}/upcycled_no_distill_block_lr1",
                                       ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle_no_distill.gin",
                                        "-b", "upcycling.block_lr_scale = 1.0"], ["dit"]),
+    "upcycled_block_lr1_distill_w0.1": (f"{UP}/upcycled_block_lr1_distill_w0.1",
+                                        ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle.gin", "-b",
+                                         "upcycling.block_lr_scale = 1.0", "-b", "upcycling.distill_weight = 0.1"],
+                                        ["dit"]),
     "dit_dydit_0.7": (f"{DY}/dit_dydit_0.7", ["train", "experiments/dydit/dydit.gin", "-b",
                                               "reducers.dydit.target = 0.7"], ["dit"]),
     "dit_dydit_0.5": (f"{DY}/dit_dydit_0.5", ["train", "experiments/dydit/dydit.gin", "-b",
@@ -43,7 +47,7 @@ JOBS = {  # name -> (run directory, dyncompute arguments, runs it starts from)
                                                   "reducers.dydit.target = 0.5"], ["dcdit_scratch"]),
 }
 DEFAULT = ["dit", "dcdit_scratch", "upcycled", "upcycled_no_distill", "upcycled_no_distill_block_lr1",
-           "dit_dydit_0.7", "dit_dydit_0.5", "dit_continued"]
+           "upcycled_block_lr1_distill_w0.1", "dit_dydit_0.7", "dit_dydit_0.5", "dit_continued"]
 
 
 def run(name: str, extra: list[str]) -> bool:
