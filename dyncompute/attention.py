@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Attention
 
+from . import width
 from .tokens import Tokens
 
 try:  # optional CUDA kernel
@@ -193,9 +194,18 @@ _grouped_sdpa_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class PackedAttention(Attention):
-    """timm's multi-head self-attention (same parameters, same key names) run on `Tokens`."""
+    """timm's multi-head self-attention (same parameters, same key names) run on `Tokens`; ``active``
+    (B, H), optional: the heads each sample runs (`dyncompute.width`)."""
 
-    def forward(self, h: torch.Tensor, tokens: Tokens, log_size: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, h: torch.Tensor, tokens: Tokens, log_size: torch.Tensor | None = None,  # type: ignore[override]
+                active: torch.Tensor | None = None) -> torch.Tensor:
+        if active is not None:
+            if log_size is not None:
+                raise ValueError("per-sample heads and proportional attention (log_size) do not compose")
+            if width.is_masked(active):
+                return self._heads(h, tokens, None, active)
+            if not width.all_on(active):
+                return width.by_width(h, tokens, active, self._heads)
         if tokens.uniform:  # h: (B, L, D) -> timm's fused path
             if log_size is None:
                 return super().forward(h)
@@ -204,3 +214,30 @@ class PackedAttention(Attention):
         q, k, v = self.qkv(h).view(T, 3, self.num_heads, self.head_dim).unbind(1)
         o = varlen_attention(self.q_norm(q), self.k_norm(k), v, tokens, log_size)
         return self.proj_drop(self.proj(self.norm(o.reshape(T, self.attn_dim))))
+
+    def _heads(self, h: torch.Tensor, tokens: Tokens, pattern: torch.Tensor | None,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of the heads where ``pattern`` (H,) is True (all when None), their outputs times
+        ``mask`` (B, H): only the active heads' Q, K, V rows and output-projection columns are used."""
+        H, d = self.num_heads, self.head_dim
+        w_qkv, b_qkv, w_proj = self.qkv.weight, self.qkv.bias, self.proj.weight
+        n = H
+        if pattern is not None:
+            heads = pattern.nonzero().squeeze(1)
+            n = len(heads)
+            w_qkv = w_qkv.view(3, H, d, -1)[:, heads].reshape(-1, w_qkv.shape[1])
+            b_qkv = None if b_qkv is None else b_qkv.view(3, H, d)[:, heads].reshape(-1)
+            w_proj = w_proj.view(w_proj.shape[0], H, d)[:, heads].flatten(1)
+        qkv = F.linear(h, w_qkv, b_qkv)
+        if tokens.uniform:
+            B, L = h.shape[:2]
+            q, k, v = qkv.view(B, L, 3, n, d).permute(2, 0, 3, 1, 4).unbind(0)
+            o = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v).transpose(1, 2)  # (B, L, n, d)
+            if mask is not None:
+                o = o * mask[:, None, :, None]
+        else:
+            q, k, v = qkv.view(h.shape[0], 3, n, d).unbind(1)
+            o = varlen_attention(self.q_norm(q), self.k_norm(k), v, tokens)  # (T, n, d)
+            if mask is not None:
+                o = o * mask[tokens.batch][:, :, None]
+        return self.proj_drop(F.linear(self.norm(o.flatten(-2)), w_proj, self.proj.bias))

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from timm.layers import Mlp
 
+from . import width
 from .attention import PackedAttention
 from .reducer import Hooks
 from .tokens import Tokens
@@ -71,9 +72,10 @@ class DiTBlock(nn.Module):
         ada[:, 1::3] += 1  # DiT's x * (1 + scale): the 1 is added per sample, not per token
         return ada
 
-    def run_mlp(self, h: torch.Tensor, tokens: Tokens) -> torch.Tensor:
-        """The MLP with the (h, tokens) signature of a token hook's op."""
-        return self.mlp(h)
+    def run_mlp(self, h: torch.Tensor, tokens: Tokens, active: torch.Tensor | None = None) -> torch.Tensor:
+        """The MLP with the (h, tokens) signature of a token hook's op; ``active`` (B, G), optional: the
+        hidden-channel groups each sample runs (`dyncompute.width`)."""
+        return self.mlp(h) if active is None else width.mlp(self.mlp, h, tokens, active)
 
     def modulated_input(self, h: torch.Tensor, c: torch.Tensor, tokens: Tokens) -> torch.Tensor:
         """The attention branch's adaLN-modulated input (TeaCache's change indicator reads block 0's)."""

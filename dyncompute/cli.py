@@ -22,6 +22,15 @@ def _train(sub) -> None:
                    "(without it only train.steps may grow)")
 
 
+def _upcycle(sub) -> None:
+    p = sub.add_parser("upcycle", help="train a DC-DiT upcycled from a DiT (its blocks and embedders), resumable")
+    p.add_argument("dit", help="the DiT: a run directory of ours or an original DiT .pt file")
+    p.add_argument("config", help="gin file of the DC-DiT (tokenizer dynamic_chunking, the DiT's width and depth)")
+    p.add_argument("--run-dir", help="output directory (default runs/<config name>)")
+    p.add_argument("--distill-steps", type=int, help="steps of the distillation warm-up (default: the config's)")
+    p.add_argument("--bind", "-b", action="append", default=[], help="extra gin binding, repeatable")
+
+
 def _sample(sub) -> None:
     p = sub.add_parser("sample", help="sample a trained run: PNG grid + ADM-style .npz")
     p.add_argument("run_dir")
@@ -167,7 +176,7 @@ def _eval(sub) -> None:
     p.add_argument("--bind", "-b", action="append", default=[], help="extra gin binding, repeatable")
 
 
-COMMANDS = [_train, _sample, _plugins, _quickstart, _sweep, _report, _bench, _flops, _match, _views, _eval,
+COMMANDS = [_train, _upcycle, _sample, _plugins, _quickstart, _sweep, _report, _bench, _flops, _match, _views, _eval,
             _calibrate]
 
 

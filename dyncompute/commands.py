@@ -22,6 +22,21 @@ def train(args) -> None:
     print(f"trained {steps} steps -> {run_dir}")
 
 
+def upcycle(args) -> None:
+    from .engine import launch
+    from .errors import ConfigError
+
+    if not Path(args.dit).exists():
+        raise ConfigError(f"DiT to upcycle not found: {args.dit}")
+    bindings = ["train.extension = @upcycling()", f"upcycling.source = {str(args.dit)!r}",
+                "tokenizers.dynamic_chunking.cond_adaptor = True"]
+    if args.distill_steps is not None:
+        bindings.append(f"upcycling.distill_steps = {args.distill_steps}")
+    run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
+    steps = launch(args.config, bindings + args.bind, run_dir)
+    print(f"trained {steps} steps (upcycled from {args.dit}) -> {run_dir}")
+
+
 def sample(args) -> None:
     from .config import scoped
     from .engine import run_objective

@@ -31,7 +31,7 @@ logging.getLogger().addFilter(_QuietSearchMisses())
 
 # Configurables of the layers above the model (trainer, sampler): a parse that only rebuilds the model
 # skips their bindings; any other unknown name is still an error.
-RUN_CONFIGURABLES = ["train", "generate", "CellSettings", "sweep"]
+RUN_CONFIGURABLES = ["train", "train_evaluator", "fine_tune", "upcycling", "generate", "CellSettings", "sweep"]
 
 
 def parse(files: Iterable[str | Path] = (), bindings: Iterable[str] = (), skip_unknown: bool | list = False) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +30,10 @@ from .config import bound_arguments, scoped
 from .diffusion import make_objective
 from .errors import CheckpointError, ConfigError, Diverged, RunDirError, one_line
 from .evaluation.heldout import attach_evaluator
+from .finetune import LossTerm, TrainingExtension
 from .io import atomic_save, atomic_write, atomic_write_text
 from .model import DiffusionTransformer
-from .observe import Infos, Observed
+from .observe import Evaluation, Observed
 from .registry import DATASETS
 from .runs import (
     CHECKPOINT_DIR,
@@ -107,7 +109,8 @@ class StepSeed:
 
 @dataclass
 class TrainStep:
-    """One optimisation step: diffusion loss + the tokenizer's auxiliary losses, clipped gradients."""
+    """One optimisation step: diffusion loss + the auxiliary losses the forward reports (tokenizer's and
+    reducers') + a fine-tuning recipe's loss terms, clipped gradients."""
 
     model: torch.nn.Module
     objective: object
@@ -115,19 +118,22 @@ class TrainStep:
     grad_clip: float
     device: torch.device
     amp: bool = False  # bfloat16 autocast (CUDA): no loss scaling needed
+    loss_terms: Sequence[LossTerm] = ()
 
     def __call__(self, engine: Engine, batch: dict) -> dict:
         self.model.train()
         x = batch["x"].to(self.device, non_blocking=True)
         y = batch["y"].to(self.device, non_blocking=True)
         t = self.objective.sample_timesteps(x.shape[0], device=self.device)
-        infos = Infos()
+        seen: list[Evaluation] = []
         budget = engine.state.budget  # this step's budget (`MultiBudget`)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            terms = self.objective.training_losses(Observed(self.model, [infos]), x, t,
+            terms = self.objective.training_losses(Observed(self.model, [seen.append]), x, t,
                                                    model_kwargs={"y": y, **budget})
-            info = infos.infos[0]
+            info = seen[0].info
             aux = dict(info.aux_losses)
+            for term in self.loss_terms:
+                aux.update(term(seen[0], engine))
             loss = terms["loss"].mean() + sum(aux.values(), torch.zeros((), device=self.device))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -174,10 +180,11 @@ class MultiBudget:
 
 
 def create_trainer(model, objective, optimizer, grad_clip: float = 1.0, device="cpu", amp: bool = False,
-                   budgets: tuple[tuple[dict, ...], int] = ((), 0), seed: int | None = None) -> Engine:
+                   budgets: tuple[tuple[dict, ...], int] = ((), 0), seed: int | None = None,
+                   loss_terms: Sequence[LossTerm] = ()) -> Engine:
     """The ignite trainer: one `TrainStep` per iteration (which stops on a non-finite loss), a per-step
     budget and, given a ``seed``, per-step seeding of the global RNG (`StepSeed`)."""
-    trainer = Engine(TrainStep(model, objective, optimizer, grad_clip, torch.device(device), amp))
+    trainer = Engine(TrainStep(model, objective, optimizer, grad_clip, torch.device(device), amp, tuple(loss_terms)))
     if seed is not None:
         trainer.add_event_handler(Events.ITERATION_STARTED, StepSeed(seed, idist.get_rank()))
     trainer.add_event_handler(Events.ITERATION_STARTED, MultiBudget(*budgets))
@@ -290,6 +297,7 @@ def train(
     allow_config_change: bool = False,
     prepared: bool = False,
     eval_every: int = 0,
+    extension: TrainingExtension | None = None,
 ) -> dict:
     """Train ``DiffusionTransformer()`` (configured by gin) on a registered dataset; resumes if possible.
 
@@ -297,6 +305,7 @@ def train(
     is fixed: a different one is refused unless it only extends ``steps`` (or changes `OPERATIONAL`
     bindings), or ``allow_config_change``. ``prepared``: a launcher has done the checks and holds the run
     directory (its worker processes pass it). ``keep_checkpoints``: how many newest checkpoints stay.
+    ``extension``: a fine-tuning recipe (`finetune.TrainingExtension`, e.g. ``@fine_tune()``).
     """
     run_dir = Path(run_dir)
     settings = {k: v for k, v in locals().items() if k not in ("run_dir", "allow_config_change", "prepared")}
@@ -362,17 +371,22 @@ def _train(run_dir: Path, s: dict, data=None) -> dict:
     dev = resolve_device(s["device"])
     data = data if data is not None else DATASETS.build(s["dataset"])
     model = DiffusionTransformer().to(dev)
+    extension = s["extension"] or TrainingExtension()
+    extension.setup(model)
     obj = make_objective(s["objective"], learn_sigma=model.learn_sigma)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=s["lr"], weight_decay=s["weight_decay"])
+    optimizer = torch.optim.AdamW(extension.param_groups(model), lr=s["lr"], weight_decay=s["weight_decay"])
     holder: dict = {}  # the sample stream reads the trainer's position when an iterator starts
     loader = build_loader(data, s["batch_size"], s["seed"], lambda: holder["trainer"].state.iteration,
                           s["num_workers"], dev)
     trainer = create_trainer(idist.auto_model(model), obj, idist.auto_optim(optimizer), s["grad_clip"], dev,
-                             amp=dev.type == "cuda", budgets=model.tokenizer.training_budgets(), seed=s["seed"])
+                             amp=dev.type == "cuda", budgets=model.tokenizer.training_budgets(), seed=s["seed"],
+                             loss_terms=extension.loss_terms(model))
+    trainer.add_event_handler(Events.ITERATION_STARTED, _schedule_reducers, model)
     holder["trainer"] = trainer
     ema = EMAHandler(model, momentum=1.0 - s["ema_decay"])
     ema.attach(trainer, name="ema_momentum", event=Events.ITERATION_COMPLETED)
     _attach_lr_warmup(trainer, optimizer, s["lr"], s["warmup_steps"])
+    extension.attach(trainer, model, ema.ema_model, run_dir)
     if s["eval_every"]:  # before the logger, so each evaluated step's row carries the metrics
         attach_evaluator(trainer, ema.ema_model, obj, s["dataset"], s["eval_every"])
     metrics = _attach_logging(trainer, run_dir, s["log_every"], s["progress"] and rank == 0)
@@ -392,6 +406,11 @@ def _train(run_dir: Path, s: dict, data=None) -> dict:
                 metrics.flush()  # rows past the newest checkpoint are cut again on resume
     return {"run_dir": str(run_dir), "steps": trainer.state.iteration, "model": model, "ema": ema.ema_model,
             "metrics": metrics.frame() if rank == 0 else pd.DataFrame()}
+
+
+def _schedule_reducers(engine: Engine, model) -> None:
+    for reducer in model.reducers:
+        reducer.schedule(engine.state.iteration - 1)
 
 
 def _restore(run_dir: Path, to_save: dict, metrics: MetricsLog) -> None:
@@ -522,7 +541,7 @@ def _attach_lr_warmup(trainer: Engine, optimizer, lr: float, warmup_steps: int) 
     def _set_lr(engine: Engine) -> None:
         scale = min(1.0, engine.state.iteration / warmup_steps) if warmup_steps else 1.0
         for group in optimizer.param_groups:
-            group["lr"] = lr * max(scale, 1e-3)
+            group["lr"] = lr * group.get("lr_scale", 1.0) * max(scale, 1e-3)
         engine.state.lr = optimizer.param_groups[0]["lr"]
 
 

@@ -110,7 +110,8 @@ IGNORED_OPS = frozenset({
     "aten::scatter_", "aten::scatter_add", "aten::scatter_add_", "aten::take_along_dim", "aten::repeat",
     "aten::repeat_interleave", "aten::expand_as", "aten::view_as", "aten::flip", "aten::unfold",
     "aten::pad", "aten::clone", "aten::alias", "aten::lift_fresh", "aten::numpy_T", "aten::movedim",
-    "aten::unflatten", "aten::tensor_split", "aten::tile", "aten::broadcast_tensors", "aten::_unsafe_view",
+    "aten::unflatten", "aten::unique_dim", "aten::isin", "aten::bincount",
+    "aten::tensor_split", "aten::tile", "aten::broadcast_tensors", "aten::_unsafe_view",
     "aten::resolve_conj", "aten::resolve_neg", "aten::detach_", "aten::item", "aten::_local_scalar_dense",
     # creation and random draws
     "aten::ones_like", "aten::empty_like", "aten::new_ones", "aten::fill_", "aten::zero_", "aten::tensor",
@@ -297,12 +298,14 @@ class _Fn(nn.Module):
 BLOCK_PARTS = ("base", "attention", "mlp")
 
 
-def block_part_macs(model: nn.Module, part: str, length: int) -> int:
+def block_part_macs(model: nn.Module, part: str, length: int, groups: tuple[int, int] | None = None) -> int:
     """Exact MACs of one DiT block's ``part`` on one sample of ``length`` tokens.
 
     "attention" and "mlp" are the branch ops a token hook wraps, each with its adaLN-modulated norm
-    (run on however many tokens a reducer hands them); "base" is the rest of the block (the adaLN
-    projection of the conditioning). Every block has the same shapes, so block 0 stands for all.
+    (run on however many tokens a reducer hands them), at full width or, given ``groups`` = (k, G), with
+    the first k of G heads / hidden-channel groups on (`dyncompute.width`: the others are not computed);
+    "base" is the rest of the block (the adaLN projection of the conditioning). Every block has the same
+    shapes, so block 0 stands for all.
     """
     from .backbone import Branch
 
@@ -315,12 +318,16 @@ def block_part_macs(model: nn.Module, part: str, length: int) -> int:
     tokens = Tokens.from_lengths(torch.zeros(length, width, device=dev), [length],
                                  torch.zeros(length, 2, dtype=torch.long, device=dev))
     x, c = torch.zeros(1, length, width, device=dev), torch.zeros(1, width, device=dev)
+    kw = {}
+    if groups is not None:
+        on, total = groups
+        kw["active"] = (torch.arange(total, device=dev) < on).float()[None]
 
     def branch(norm, op, v):  # shift = 1 + scale = v, per token and per sample
         return Branch(norm, op, tokens, tokens.per_token(v), tokens.per_token(v), torch.cat([v, v], -1))
 
-    fns = {"attention": lambda h, v: branch(block.norm1, block.attn, v)(h, tokens),
-           "mlp": lambda h, v: branch(block.norm2, block.run_mlp, v)(h, tokens),
+    fns = {"attention": lambda h, v: branch(block.norm1, block.attn, v)(h, tokens, **kw),
+           "mlp": lambda h, v: branch(block.norm2, block.run_mlp, v)(h, tokens, **kw),
            "base": lambda h, v: block(h, v, tokens, _SkipOps())}
     return count_macs(fns[part], x, c, owner=model)
 

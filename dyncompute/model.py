@@ -94,6 +94,7 @@ class DiffusionTransformer(nn.Module):
             raise ValueError(f"reducers must be listed once each, got {names}")
         for reducer in self.reducers:
             reducer.check_model(self)
+            reducer.bind(self)
         if compile:  # the opt-in compiled path (dyncompute.compile)
             from .compile import compile_model
 
@@ -141,7 +142,8 @@ class DiffusionTransformer(nn.Module):
         out = self.tokenizer.head(h, state, c)
         if not return_info:
             return out
-        return out, ForwardInfo(list(tokens.lengths), self.tokenizer.aux_losses(state), state, bool(ran),
+        aux = {**self.tokenizer.aux_losses(state), **(hooks.aux_losses() if hooks else {})}
+        return out, ForwardInfo(list(tokens.lengths), aux, state, bool(ran),
                                 hooks.runs if hooks else [], hooks.reports() if hooks else {}, budget)
 
     def new_step_cache(self, num_evaluations: int | None = None) -> StepCache:

@@ -18,6 +18,12 @@ passes through the model kwargs on every evaluation; two sampling calls never sh
 one forward (e.g. a merge plan shared by a block's attention and MLP) lives in the per-forward
 ``scratch`` dict each hook's context carries; nothing is kept on the reducer module between calls.
 
+Width: a token hook may call its op with ``active=`` (B, G), a per-sample mask over G equal groups of
+the op's width (heads; MLP hidden-channel groups, `dyncompute.width`); `BlockRun` records how many ran.
+Trained reducers (DyDiT) create their parameters in ``bind`` (sized from the model), return
+auxiliary losses from their per-forward ``scratch`` (`Reducer.aux_losses`, added to
+``ForwardInfo.aux_losses`` as ``<name>.<loss>``) and may anneal settings per training step (``schedule``).
+
 Reducers report what ran in `ForwardInfo` (`BlockRun`, ``backbone_ran``) and, through ``report``,
 their own arithmetic as ``work``: per batch row, a list of ``(kind, size)`` items whose exact MACs
 ``Reducer.work_macs`` counts (with fvcore, like everything else). The accounting
@@ -35,6 +41,7 @@ import torch.nn as nn
 
 from .errors import UserError
 from .tokens import Tokens
+from .width import groups_on
 
 TOKEN_HOOKS = ("attention", "mlp")
 HOOK_POINTS = (*TOKEN_HOOKS, "step")
@@ -44,10 +51,18 @@ Op = Callable[..., torch.Tensor]  # op(h, tokens, **kw) -> output with h's layou
 
 @dataclass
 class BlockRun:
-    """Tokens per sample that one block's attention and MLP actually processed."""
+    """Tokens per sample that one block's attention and MLP actually processed and, when the op ran
+    with a width mask, per sample (groups that ran, groups in all)."""
 
     attention: tuple[int, ...] = ()
     mlp: tuple[int, ...] = ()
+    attention_groups: tuple[tuple[int, int], ...] | None = None
+    mlp_groups: tuple[tuple[int, int], ...] | None = None
+
+    def groups(self, point: str, row: int) -> tuple[int, int] | None:
+        """(groups that ran, groups) of sample ``row`` at ``point``; None: full width."""
+        per_sample = getattr(self, f"{point}_groups")
+        return None if per_sample is None else per_sample[row]
 
 
 @dataclass
@@ -142,6 +157,7 @@ class Reducer(nn.Module):
     hook_points: ClassVar[tuple[str, ...]] = ()
     flop_components: ClassVar[dict[str, str]] = {}  # like `Tokenizer.flop_components`
     flop_ignored_ops: ClassVar[tuple[str, ...]] = ()
+    trained: ClassVar[bool] = False  # parameters learnt in training: its settings are training settings
     name: str = ""
 
     def __init_subclass__(cls, **kwargs):
@@ -153,6 +169,10 @@ class Reducer(nn.Module):
 
     def check_model(self, model: nn.Module) -> None:
         """Raise ValueError when this reducer cannot apply to ``model`` (e.g. its tokenizer)."""
+
+    def bind(self, model: nn.Module) -> None:
+        """Called once by the model after `check_model`: a trained reducer creates its parameters here,
+        sized from the model (width, depth, heads)."""
 
     def new_cache(self) -> Any:
         """Per-trajectory state, allocated once per sampling call."""
@@ -179,6 +199,13 @@ class Reducer(nn.Module):
     def work_macs(self, model: nn.Module, kind: str, size: tuple) -> int:
         """Exact MACs of one ``(kind, size)`` work item this reducer reported (see `report`)."""
         raise NotImplementedError(f"{type(self).__name__} reports work {kind!r} but does not count it")
+
+    def aux_losses(self, scratch: dict) -> dict[str, torch.Tensor]:
+        """Auxiliary training losses (already weighted) from this forward's ``scratch``."""
+        return {}
+
+    def schedule(self, step: int) -> None:
+        """Called by the trainer before optimisation step ``step`` (0-based), e.g. for annealed settings."""
 
     @classmethod
     def calibrate(cls, run_dir: str, out: str | None = None, **settings) -> dict:
@@ -208,6 +235,9 @@ class Hooks:
 
         def innermost(h_, tokens_, **kw):
             setattr(run, point, tokens_.lengths)  # what the op really processed, for the accounting
+            active = kw.get("active")
+            if active is not None:
+                setattr(run, f"{point}_groups", tuple((n, active.shape[1]) for n in groups_on(active)))
             return op(h_, tokens_, **kw)
 
         call = innermost
@@ -240,8 +270,16 @@ class Hooks:
         return call()
 
     def reports(self) -> dict[str, dict]:
-        return {r.name or type(r).__name__: r.report(self._cache(i), self.scratch[i])
-                for i, r in enumerate(self.reducers)}
+        return {_name(r): r.report(self._cache(i), self.scratch[i]) for i, r in enumerate(self.reducers)}
+
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        """Every reducer's auxiliary losses of this forward, keyed ``<name>.<loss>``."""
+        return {f"{_name(r)}.{k}": v for i, r in enumerate(self.reducers)
+                for k, v in r.aux_losses(self.scratch[i]).items()}
+
+
+def _name(reducer: Reducer) -> str:
+    return reducer.name or type(reducer).__name__
 
 
 def new_step_cache(reducers, num_evaluations: int | None = None) -> StepCache:

@@ -78,6 +78,16 @@ class Tokens:
         """adaLN-Zero's gated residual h + gate * y, one fused kernel; gate comes from `per_token`."""
         return torch.addcmul(h, gate, y)
 
+    def select(self, keep: torch.Tensor, drop_empty: bool = False) -> tuple[Tokens, torch.Tensor]:
+        """The tokens where ``keep`` (T,) is True, packed, and their rows in ``x``: an op that skips tokens
+        (DyDiT's per-token MLP gate) or samples (a per-sample width) runs on the selection and scatters
+        back. Every sample stays (possibly with no token) unless ``drop_empty``."""
+        rows = keep.nonzero().squeeze(1)
+        counts = torch.bincount(self.batch[rows], minlength=self.num_samples).tolist()
+        if drop_empty:
+            counts = [n for n in counts if n]
+        return Tokens.from_lengths(self.x[rows], counts, self.pos[rows]), rows
+
     def unpack(self, x: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Per-sample views of ``x`` (T, ...)."""
         x = self.x if x is None else x

@@ -84,8 +84,9 @@ def _size_fit(count, dims: int):
 class RowSignature:
     """What one batch row of one forward computed, as its `ForwardInfo` reported it.
 
-    ``blocks``: per block, (attention tokens, MLP tokens) the ops processed; None when the model has no
-    reducers (every block processed all L tokens). ``work``: (reducer index, kind, size) items of the
+    ``blocks``: per block, (attention tokens, MLP tokens, attention groups, MLP groups) the ops processed,
+    groups (ran, of) or None at full width; None when the model has no reducers (every block processed
+    all L tokens at full width). ``work``: (reducer index, kind, size) items of the
     reducers' own arithmetic; ``executed_work``: the same with padding, when it differs.
     """
 
@@ -191,10 +192,11 @@ class SampleCost:
         return self.row(RowSignature(length, backbone))[0]
 
     # -- rows of forwards with reducers
-    def block_part(self, part: str, length: int) -> int:
+    def block_part(self, part: str, length: int, groups: tuple[int, int] | None = None) -> int:
         if length == 0 and part != "base":
             return 0
-        return self._fitted(("part", part), (length,), lambda size: block_part_macs(self.model, part, size[0]))
+        return self._fitted(("part", part, groups), (length,),
+                            lambda size: block_part_macs(self.model, part, size[0], groups))
 
     def work(self, reducer: int, kind: str, size: tuple) -> int:
         count = lambda z: self.model.reducers[reducer].work_macs(self.model, kind, z)
@@ -234,7 +236,8 @@ class SampleCost:
         if sig.blocks is None:
             return self.backbone(sig.length)
         base = self.block_part("base", sig.length)
-        return sum(base + self.block_part("attention", a) + self.block_part("mlp", m) for a, m in sig.blocks)
+        return sum(base + self.block_part("attention", a, ga) + self.block_part("mlp", m, gm)
+                   for a, m, ga, gm in sig.blocks)
 
     def extrapolated(self, length: int) -> bool:
         """True when ``length`` lies outside the measured lengths (the rest is extrapolated)."""
@@ -340,8 +343,8 @@ def row_signatures(model: nn.Module, info) -> list[RowSignature]:
     for r, length in enumerate(info.tokens_per_sample):
         blocks = None
         if hooks and info.backbone_ran:
-            blocks = tuple((run.attention[r] if run.attention else 0, run.mlp[r] if run.mlp else 0)
-                           for run in info.blocks)
+            blocks = tuple((run.attention[r] if run.attention else 0, run.mlp[r] if run.mlp else 0,
+                            run.groups("attention", r), run.groups("mlp", r)) for run in info.blocks)
         sigs.append(RowSignature(int(length), info.backbone_ran, blocks, tuple(work[r]),
                                  tuple(executed[r]) if padded else None))
     return sigs

@@ -342,13 +342,18 @@ def _query(key: str):
 
 
 def is_sampling_binding(binding: str) -> bool:
-    """True for bindings of sampling/evaluation configurables, reducer plugins and the reducer list."""
+    """True for bindings of sampling/evaluation configurables, reducer plugins and the reducer list,
+    except those of trained reducers (`Reducer.trained`, e.g. DyDiT): their settings shape training."""
     target = binding.split("=", 1)[0].strip()
     if target.startswith("include") or "=" not in binding:
         return False
     target = target.rsplit("/", 1)[-1]  # drop a gin scope
     configurable, _, _ = target.rpartition(".")
     short = configurable.rsplit(".", 1)[-1]
+    trained = [n for n in REDUCERS.names() if REDUCERS.get(n).trained]
+    if short in trained or (target in SAMPLING_PARAMETERS and any(repr(n) in binding or f'"{n}"' in binding
+                                                                  for n in trained)):
+        return False
     return (target in SAMPLING_PARAMETERS or short in SAMPLING_CONFIGURABLES
             or configurable.startswith("reducers.") or short in REDUCERS.names())
 

@@ -46,7 +46,7 @@ class DynamicChunking(Tokenizer):
     budget_keys = ("tail_drop",)
     dynamic_tokens = True
     # FLOP accounting (dyncompute.flops): submodule -> the paper's component names
-    flop_components = {"stem": "embeddings", "encoder": "encoder", "router": "router",
+    flop_components = {"stem": "embeddings", "cond_norm": "embeddings", "encoder": "encoder", "router": "router",
                        "dechunker": "de-chunk", "backbone_norm": "de-chunk", "residual_proj": "de-chunk",
                        "decoder": "decoder", "final_layer": "final layer"}
     flop_order = ("embeddings", "encoder", "router", "chunk", "backbone", "de-chunk", "decoder", "final layer")
@@ -59,7 +59,7 @@ class DynamicChunking(Tokenizer):
                  ratio_loss_weight: float = 0.03, ratio_group_size: int | None = None,
                  enc_dec_factor: int = 4, encoder_depth: int = 2, decoder_depth: int = 2,
                  dechunk_sigma: float = 1.0, tail_drop: float = 0.0,
-                 budget_set: Sequence[float] = (), budget_warmup_steps: int = 0):
+                 budget_set: Sequence[float] = (), budget_warmup_steps: int = 0, cond_adaptor: bool = False):
         super().__init__()
         check_target_ratio(target_ratio)
         for rho in (tail_drop, *budget_set):
@@ -81,6 +81,9 @@ class DynamicChunking(Tokenizer):
         self.decoder = ConvStack(D, d, decoder_depth, cond_dim, widen="first")
         self.final_layer = FinalLayer(d, 1, out_channels, cond_dim=cond_dim)
         self.register_buffer("pos_embed", sincos_2d(D, grid_positions(input_size)), persistent=False)
+        # Upcycling from a DiT: a trainable LayerNorm between the (frozen, DiT-scaled) conditioning vector
+        # and the scaffold's encoder, decoder and final layer. Off by default: official checkpoints have none.
+        self.cond_norm = nn.LayerNorm(cond_dim) if cond_adaptor else None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         state_dict.pop(prefix + "step", None)  # runs saved before the multi-budget draw moved to the trainer
@@ -107,7 +110,7 @@ class DynamicChunking(Tokenizer):
         rho = self.tail_drop if tail_drop is None else tail_drop
         check_tail_drop(rho)
         grid = tuple(x.shape[-2:])
-        h = self.encoder(self.stem(x), c)  # (B, L, D), RMS-normalised
+        h = self.encoder(self.stem(x), self.scaffold_condition(c))  # (B, L, D), RMS-normalised
         p, mask_natural, confidence = boundary_rules(self.router(h, grid))
         mask = drop_tail(p, mask_natural, rho)
         residual = self.residual_proj(h.float())
@@ -121,8 +124,13 @@ class DynamicChunking(Tokenizer):
         h = self.dechunker(z, tokens, state.p, state.mask, state.grid)
         return (h * STE.apply(state.confidence)[..., None] + state.residual).to(z.dtype)
 
+    def scaffold_condition(self, c: torch.Tensor) -> torch.Tensor:
+        """The conditioning the encoder, decoder and final layer see (through the adaptor when there is one)."""
+        return c if self.cond_norm is None else self.cond_norm(c)
+
     def head(self, h: torch.Tensor, state: ChunkState, c: torch.Tensor) -> torch.Tensor:
         r, w = state.grid
+        c = self.scaffold_condition(c)
         h = self.decoder(rearrange(h, "b (r w) d -> b d r w", r=r, w=w), c)
         out = self.final_layer(h, c)
         return rearrange(out, "b (r w) c -> b c r w", r=r, w=w)

@@ -6,10 +6,13 @@ from an official DiT state dict (e.g. ``DiT-XL-2-256x256.pt``); ``to_official_di
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from dyncompute.checkpoints import DIT_HEADS, export_renamed, load_renamed, unwrap_state_dict
+from dyncompute.errors import ConfigError
 from dyncompute.io import load_checkpoint
 from dyncompute.model import DiffusionTransformer, ModelConfig
+from dyncompute.runs import load_run
 
 # official DiT name -> dyncompute name (prefix rewrite, first match wins)
 PREFIXES = (
@@ -63,3 +66,19 @@ def to_official_dit(model: DiffusionTransformer) -> dict:
 def read_official_dit(path, config: dict | None = None) -> DiffusionTransformer:
     """Load e.g. DiT-XL-2-256x256.pt from a local path (nothing is downloaded)."""
     return load_official_dit(load_checkpoint(path), config)
+
+
+def read_dit(source, num_heads: int | None = None) -> DiffusionTransformer:
+    """A DiT to start from (eval mode): a run directory of ours (its EMA weights), or an original DiT
+    file (its heads from DiT's size table, else ``num_heads``: heads are not in a state dict's shapes)."""
+    path = Path(source)
+    if not path.exists():
+        raise ConfigError(f"DiT to start from not found: {source}")
+    if path.is_dir():
+        return load_run(path).eval()
+    state = unwrap_state_dict(load_checkpoint(path))
+    if "x_embedder.proj.weight" not in state:
+        raise ConfigError(f"{source} is not an original DiT checkpoint (no x_embedder.proj.weight); "
+                          "pass a run directory of ours instead")
+    heads = None if state["x_embedder.proj.weight"].shape[0] in DIT_HEADS else num_heads
+    return load_official_dit(state, infer_dit_config(state, num_heads=heads)).eval()

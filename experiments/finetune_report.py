@@ -1,0 +1,341 @@
+"""Reports of the fine-tuning studies (see finetune_study.py): reports/upcycling/ and reports/dydit/.
+
+Quality is the held-out denoising loss: the mean over the evaluator's timesteps (0 ... 999) of the
+ε-prediction MSE on 64 held-out images of the built-in data (`dyncompute.evaluation.heldout`, EMA
+weights; the same images and noise for every run and step); lower is better, never called FID.
+Compute is per-image MACs over a whole DDPM-250 sampling trajectory without guidance, counted with
+fvcore on what ran (`dyncompute.trajectory`); FLOPs = 2 x MACs.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from dyncompute.config import RUN_CONFIGURABLES, scoped  # noqa: E402
+from dyncompute.diffusion import make_objective  # noqa: E402
+from dyncompute.evaluation.heldout import (  # noqa: E402
+    create_heldout_evaluator,
+    evaluate_heldout,
+    heldout_dataset,
+    heldout_loader,
+)
+from dyncompute.io import atomic_write, atomic_write_text  # noqa: E402
+from dyncompute.runs import CONFIG_FILE, METRICS_FILE, latest_checkpoint, load_run  # noqa: E402
+from dyncompute.sampling import generate  # noqa: E402
+from dyncompute.trajectory import RowSignature, TrajectoryCount, TrajectoryRecorder  # noqa: E402
+
+SAMPLER, STEPS, HELDOUT_IMAGES = "ddpm", 250, 64
+UP, DY = "runs/upcycling", "runs/dydit"
+
+
+def heldout_curve(run: Path) -> pd.DataFrame:
+    """(step, heldout_loss) of every evaluation during training (``train.eval_every``)."""
+    metrics = pd.read_csv(run / METRICS_FILE)
+    cols = [c for c in metrics if c.startswith("denoising_mse_t")]
+    if not cols:
+        raise FileNotFoundError(f"{run / METRICS_FILE} has no held-out evaluation: train with train.eval_every")
+    rows = metrics.dropna(subset=cols)
+    return pd.DataFrame({"step": rows.step.astype(int), "heldout_loss": rows[cols].mean(axis=1)})
+
+
+def heldout_loss(model, run: Path) -> float:
+    """The same held-out denoising loss as the training curves, for a model built from ``run``."""
+    with scoped([run / CONFIG_FILE], skip_unknown=RUN_CONFIGURABLES):
+        data = heldout_dataset("procedural", HELDOUT_IMAGES)
+    evaluator = create_heldout_evaluator(model, make_objective("gaussian", learn_sigma=model.learn_sigma))
+    metrics = evaluate_heldout(evaluator, model, heldout_loader(data, 32))
+    values = [v for k, v in metrics.items() if k.startswith("denoising_mse_t")]
+    return sum(values) / len(values)
+
+
+def _table(df: pd.DataFrame, cols: list[str]) -> str:
+    """Markdown table of ``cols``: yes/no checks, empty cells where a value does not apply."""
+    t = df[[c for c in cols if c in df]].round(4).astype(object)
+    for c in t:
+        if "within_5pct" in c:
+            t[c] = t[c].map({True: "yes", False: "no"})
+    return t.where(t.notna(), "").to_markdown(index=False)
+
+
+def _csv(df: pd.DataFrame, path: Path) -> None:
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
+
+
+def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- upcycling
+
+UPCYCLED = (  # run, distillation weight (0: none), learning-rate scale of the copied blocks
+    ("upcycled", 1.0, 0.1), ("upcycled_no_distill", 0.0, 0.1), ("upcycled_no_distill_block_lr1", 0.0, 1.0),
+    ("upcycled_block_lr1_distill_w0.1", 0.1, 1.0),
+)
+
+
+def _first_below(curve: pd.DataFrame, loss: float) -> float:
+    reached = curve[curve.heldout_loss <= loss]
+    return float(reached.step.iloc[0]) if len(reached) else float("nan")
+
+
+def _at(curve: pd.DataFrame, step: float) -> float:
+    below = curve[curve.step <= step]
+    return float(below.heldout_loss.iloc[-1]) if len(below) else float("nan")
+
+
+def upcycling_results(root: Path) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    """Per upcycled run: steps to reach the from-scratch DC-DiT's final held-out loss, / its steps."""
+    names = ["dit", "dcdit_scratch", *(n for n, _, _ in UPCYCLED)]
+    curves = {n: heldout_curve(root / UP / n) for n in names}
+    scratch = curves["dcdit_scratch"]
+    scratch_steps, bar = int(scratch.step.iloc[-1]), float(scratch.heldout_loss.iloc[-1])
+    rows = []
+    for name, distill, block_lr in UPCYCLED:
+        c = curves[name]
+        steps = _first_below(c, bar)
+        rows.append({
+            "run": name, "distillation_weight": distill, "block_lr_scale": block_lr, "scratch_steps": scratch_steps,
+            "scratch_final_heldout_loss": bar, "upcycled_steps_trained": int(c.step.iloc[-1]),
+            "steps_to_reach_scratch_final": steps, "steps_ratio": steps / scratch_steps,
+            "upcycled_heldout_loss_at_quarter": _at(c, scratch_steps / 4),
+            "scratch_heldout_loss_at_quarter": _at(scratch, scratch_steps / 4),
+            "upcycled_final_heldout_loss": float(c.heldout_loss.iloc[-1]),
+            "scratch_steps_to_reach_upcycled_final": _first_below(scratch, float(c.heldout_loss.iloc[-1])),
+            "dit_source_steps": int(curves["dit"].step.iloc[-1]),
+            "dit_source_final_heldout_loss": float(curves["dit"].heldout_loss.iloc[-1]),
+        })
+    return pd.DataFrame(rows), curves
+
+
+def upcycling_figure(curves: dict[str, pd.DataFrame], results: pd.DataFrame, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    labels = {"dcdit_scratch": "DC-DiT N=4 from scratch",
+              "upcycled": "upcycled + distillation (blocks at 0.1 lr)",
+              "upcycled_no_distill": "upcycled, no distillation (blocks at 0.1 lr)",
+              "upcycled_no_distill_block_lr1": "upcycled, no distillation (blocks at full lr)",
+              "upcycled_block_lr1_distill_w0.1": "upcycled + distillation x0.1 (blocks at full lr)",
+              "dit": "DiT/2 from scratch (the upcycling source)"}
+    for name, label in labels.items():
+        c = curves[name]
+        style = dict(color="gray", lw=1, alpha=0.6) if name == "dit" else dict(marker=".", ms=4)
+        ax.plot(c.step, c.heldout_loss, label=label, **style)
+    bar, steps = results.scratch_final_heldout_loss.iloc[0], results.scratch_steps.iloc[0]
+    ax.axhline(bar, color="black", ls="--", lw=1, label=f"from-scratch DC-DiT final ({steps} steps)")
+    ax.axvline(steps / 4, color="black", ls=":", lw=1, label="1/4 of the from-scratch steps")
+    ax.set_yscale("log")
+    ax.set_xlim(0, max(int(c.step.max()) for c in curves.values()) * 1.03)
+    _finish(fig, ax, path, "training steps of the run (upcycled runs: steps after upcycling)",
+            "held-out denoising loss (ε MSE, mean over timesteps; log)", "Upcycling DC-DiT from DiT (EMA weights)")
+
+
+def upcycling_outcome(results: pd.DataFrame) -> str:
+    lines = ["Outcome (claim: the from-scratch final loss in <= 1/4 of its steps):"]
+    for _, r in results.iterrows():
+        if pd.notna(r.steps_ratio):
+            verdict = "met" if r.steps_ratio <= 0.25 else "not met"
+            lines.append(f"- `{r.run}`: reached it after {r.steps_to_reach_scratch_final:.0f} steps, "
+                         f"steps_ratio {r.steps_ratio:.3f}: {verdict}.")
+        else:
+            lines.append(f"- `{r.run}`: not reached within {r.upcycled_steps_trained} steps "
+                         f"({r.upcycled_steps_trained / r.scratch_steps:.2f} of the from-scratch steps): not met; "
+                         f"its final loss {r.upcycled_final_heldout_loss:.4f} is what the from-scratch run reached "
+                         f"after {r.scratch_steps_to_reach_upcycled_final:.0f} steps.")
+    return "\n".join(lines)
+
+
+def upcycling_report(root: Path, out: Path) -> pd.DataFrame:
+    out.mkdir(parents=True, exist_ok=True)
+    results, curves = upcycling_results(root)
+    _csv(results, out / "results.csv")
+    long = pd.concat([c.assign(run=n) for n, c in curves.items()], ignore_index=True)
+    _csv(long[["run", "step", "heldout_loss"]], out / "curves.csv")
+    upcycling_figure(curves, results, out / "heldout_loss.png")
+    cols = ["run", "steps_to_reach_scratch_final", "scratch_steps", "steps_ratio", "upcycled_heldout_loss_at_quarter",
+            "scratch_heldout_loss_at_quarter", "scratch_final_heldout_loss", "upcycled_final_heldout_loss"]
+    dit_steps, scratch_steps = int(results.dit_source_steps.iloc[0]), int(results.scratch_steps.iloc[0])
+    upcycled_steps = int(results.upcycled_steps_trained.max())
+    atomic_write_text(f"""# Upcycling DC-DiT from DiT on the built-in data
+
+Tiny quickstart-size models on this project's procedural data (32x32x3, 10 classes; width 64, depth 4,
+4 heads), batch 32, lr 1e-3 (30 warm-up steps; upcycled runs 10), EMA 0.95, one process with
+OMP_NUM_THREADS=1 on a shared 2-core CPU, one seed per run. The DiT/2 source trained
+{dit_steps} steps; the DC-DiT N = 4 from scratch {scratch_steps} steps; the upcycled
+DC-DiTs (backbone blocks and t/y embedders copied from the DiT's EMA weights, embedders frozen, a
+LayerNorm adaptor on the scaffold's conditioning, the rest of the scaffold freshly initialised) up to
+{upcycled_steps} steps: with a 100-step distillation warm-up (block-output MSE against the frozen DiT
+at matching grid positions, weight 1, added to the diffusion loss) and the copied blocks at 0.1 x lr;
+without distillation at 0.1 x lr; without distillation at the full lr; with the distillation at weight
+0.1 and the blocks at the full lr.
+
+Quality: held-out denoising loss = mean over the timesteps 0, 20, 50, 100, 250, 500, 750, 999 of the
+ε-prediction MSE of the EMA model on 64 held-out images (a seed training never uses, fixed noise;
+`train.eval_every`, `dyncompute.evaluation.heldout`). `steps_ratio` = steps the upcycled run needs to
+first reach the from-scratch run's final held-out loss / the from-scratch run's steps (empty: not
+reached within the steps trained).
+
+{_table(results, cols)}
+
+{upcycling_outcome(results)}
+
+![held-out loss](heldout_loss.png)
+
+How the numbers were made and what they say: `NOTES.md`. Files: `results.csv`, `curves.csv` (every
+evaluation of every run). Commands (from the repository root):
+
+```
+python experiments/finetune_study.py train --only dit dcdit_scratch upcycled upcycled_no_distill \\
+    upcycled_no_distill_block_lr1 upcycled_block_lr1_distill_w0.1 --jobs 2
+python experiments/finetune_study.py report
+```
+
+which run `dyncompute train experiments/upcycling/dit.gin --run-dir runs/upcycling/dit`,
+`dyncompute train experiments/upcycling/dcdit_scratch.gin --run-dir runs/upcycling/dcdit_scratch`,
+`dyncompute upcycle runs/upcycling/dit experiments/upcycling/upcycle.gin --run-dir runs/upcycling/upcycled`,
+the same with `upcycle_no_distill.gin`, with `-b "upcycling.block_lr_scale = 1.0"`, and `upcycle.gin` with
+`-b "upcycling.block_lr_scale = 1.0" -b "upcycling.distill_weight = 0.1"`.
+""", out / "report.md")
+    return results
+
+
+# --------------------------------------------------------------------------- DyDiT
+
+MODELS = (  # run, family, label, λ
+    (f"{UP}/dit", "DiT/2", "DiT/2", None),
+    (f"{DY}/dit_continued", "DiT/2", "DiT/2 (+fine-tune steps)", None),
+    (f"{DY}/dit_dydit_0.7", "DiT/2", "DyDiT λ=0.7", 0.7),
+    (f"{DY}/dit_dydit_0.5", "DiT/2", "DyDiT λ=0.5", 0.5),
+    (f"{UP}/dcdit_scratch", "DC-DiT N=4", "DC-DiT N=4", None),
+    (f"{DY}/dcdit_dydit_0.7", "DC-DiT N=4", "DC-DiT + DyDiT λ=0.7", 0.7),
+    (f"{DY}/dcdit_dydit_0.5", "DC-DiT N=4", "DC-DiT + DyDiT λ=0.5", 0.5),
+)
+
+
+def trajectory_macs(model, images: int) -> dict:
+    """Per-image useful MACs (whole model, backbone) over a DDPM-250 trajectory without guidance, and
+    the same recorded evaluations at full width (every block running all its tokens, heads and
+    channels, no gates): the reference of the MACs ratio, on the very inputs and token counts the
+    dynamic model saw (a DC-DiT's tokens depend on the images it generates)."""
+    rec = TrajectoryRecorder(model)
+    generate(model, num_samples=images, sampler=SAMPLER, num_steps=STEPS, cfg_scale=1.0, seed=0,
+             batch_size=images, observers=[rec], device="cpu")
+    count = rec.count(images)
+    plain = [replace(ev, rows=[RowSignature(r.length, r.backbone_ran) for r in ev.rows]) for ev in rec.evaluations]
+    full = TrajectoryCount.from_evaluations(plain, rec.cost, images)
+    return {"macs": count.useful_macs_per_image, "backbone": count.by_component.get("backbone", 0.0),
+            "full": full.useful_macs_per_image, "full_backbone": full.by_component.get("backbone", 0.0),
+            "notes": count.notes}
+
+
+def dydit_results(root: Path, images: int) -> tuple[pd.DataFrame, list[str]]:
+    rows, notes = [], []
+    cache_path = root / DY / "report_rows.json"  # rows of runs counted before (same newest checkpoint)
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    for run, family, label, lam in MODELS:
+        if not (root / run / "checkpoints").is_dir():
+            notes.append(f"{label}: not trained ({run} missing), left out")
+            continue
+        key = f"{run}:{latest_checkpoint(root / run).name}:{images}"
+        if key not in cache:
+            cache[key] = dydit_row(root / run, family, label, lam, images)
+            atomic_write_text(json.dumps(cache, indent=1), cache_path)
+        row = dict(cache[key])
+        notes += [f"{label}: {x}" for x in row.pop("notes")]
+        rows.append(row)
+    return pd.DataFrame(rows), notes
+
+
+def dydit_row(run: Path, family: str, label: str, lam: float | None, images: int) -> dict:
+    model = load_run(run).cpu().eval()
+    torch.manual_seed(0)
+    m = trajectory_macs(model, images)
+    row = {"model": label, "run": str(run.relative_to(run.parents[2])), "family": family, "target_lambda": lam,
+           "heldout_loss": heldout_loss(model, run), "per_image_GMACs": m["macs"] / 1e9,
+           "per_image_TFLOPs": 2 * m["macs"] / 1e12, "backbone_per_image_GMACs": m["backbone"] / 1e9,
+           "notes": m["notes"]}
+    if lam is not None:
+        ratio, backbone_ratio = m["macs"] / m["full"], m["backbone"] / m["full_backbone"]
+        row.update(full_width_per_image_GMACs=m["full"] / 1e9, macs_ratio=ratio, backbone_macs_ratio=backbone_ratio,
+                   within_5pct_of_target=abs(ratio / lam - 1) <= 0.05,
+                   backbone_within_5pct_of_target=abs(backbone_ratio / lam - 1) <= 0.05)
+    return row
+
+
+def dydit_figure(df: pd.DataFrame, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for family, marker in (("DiT/2", "o"), ("DC-DiT N=4", "s")):
+        sub = df[df.family == family]
+        ax.scatter(sub.per_image_TFLOPs, sub.heldout_loss, marker=marker, s=40, label=family)
+        for _, r in sub.iterrows():
+            ax.annotate(r.model, (r.per_image_TFLOPs, r.heldout_loss), fontsize=7, xytext=(4, 3),
+                        textcoords="offset points")
+    _finish(fig, ax, path, f"TFLOPs per image ({SAMPLER.upper()}-{STEPS}, no guidance; FLOPs = 2 x MACs)",
+            "held-out denoising loss (ε MSE, mean over timesteps)", "Quality vs compute on the built-in data")
+
+
+def dydit_report(root: Path, out: Path, images: int) -> pd.DataFrame:
+    out.mkdir(parents=True, exist_ok=True)
+    df, notes = dydit_results(root, images)
+    _csv(df, out / "results.csv")
+    dydit_figure(df, out / "quality_vs_tflops.png")
+    cols = ["model", "target_lambda", "heldout_loss", "per_image_TFLOPs", "macs_ratio", "within_5pct_of_target",
+            "backbone_macs_ratio", "backbone_within_5pct_of_target"]
+    lines = "\n".join(f"- {n}" for n in dict.fromkeys(notes)) or "- none"
+    atomic_write_text(f"""# DyDiT and DC-DiT + DyDiT on the built-in data
+
+DyDiT (`dydit` reducer: TDW routers on the timestep switching heads and MLP channel groups, SDT token
+gates before the MLP, FLOPs loss on the hard decisions towards λ, decision noise annealed to zero)
+fine-tuned from the upcycling study's DiT/2 (400 steps: target warm-up 100, noise annealed over 200)
+and from its from-scratch DC-DiT N = 4 (200 steps: warm-up 50, noise over 100); `DiT/2 (+fine-tune
+steps)` is the DiT continued 400 steps without DyDiT (a control for the extra training). lr 1e-3,
+batch 32, EMA 0.95, FLOPs-loss weight 2, τ = 1, gate biases start at 1 (all on), one seed each.
+
+Quality: held-out denoising loss (mean over timesteps of the ε MSE on 64 held-out images, EMA weights,
+hard gate decisions; as in `reports/upcycling/`). Compute: per-image useful MACs over a whole
+{SAMPLER.upper()}-{STEPS} sampling trajectory (no guidance, {images} images), counted with fvcore on what ran:
+DyDiT's skipped heads, channel groups and tokens are not computed, its routers and gates are counted;
+TFLOPs = 2 x MACs / 1e12. `macs_ratio`: per-image MACs of the DyDiT model / the same recorded
+evaluations at full width (every block on all its tokens, heads and channels, no gates; the same inputs
+and token counts: a DC-DiT's tokens depend on the images it generates); `backbone_macs_ratio`: the same
+for the backbone alone. `within_5pct`: |ratio / λ - 1| <= 0.05.
+
+{_table(df, cols)}
+
+Accounting notes:
+{lines}
+
+![quality vs TFLOPs](quality_vs_tflops.png)
+
+How the numbers were made and what they say: `NOTES.md`. Files: `results.csv`. Commands (from the
+repository root, after the upcycling study's DiT and DC-DiT):
+
+```
+python experiments/finetune_study.py train --only dit_dydit_0.7 dit_dydit_0.5 dit_continued --jobs 2
+python experiments/finetune_study.py train --only dcdit_dydit_0.7 dcdit_dydit_0.5 --jobs 2 \\
+    -b "train.steps = 200" -b "reducers.dydit.target_warmup_steps = 50" \\
+    -b "reducers.dydit.noise_anneal_steps = 100" -b "train.checkpoint_every = 100"
+python experiments/finetune_study.py report
+```
+
+(`dyncompute train experiments/dydit/dydit.gin --run-dir runs/dydit/dit_dydit_0.5 -b "reducers.dydit.target = 0.5"`
+and likewise for the others.)
+""", out / "report.md")
+    return df
+
+
+def write_reports(root: Path, out: Path, images: int = 4) -> None:
+    print(upcycling_report(root, out / "upcycling").to_string(index=False))
+    print(dydit_report(root, out / "dydit", images).to_string(index=False))

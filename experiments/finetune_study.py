@@ -1,0 +1,103 @@
+"""The fine-tuning studies of issue 12 on the built-in data: DC-DiT upcycling and DyDiT.
+
+    python experiments/finetune_study.py train [--only NAME ...] [--jobs 2]
+    python experiments/finetune_study.py report [--out reports] [--images 4]
+
+``train`` runs the trainings under ``runs/`` (each resumes if it exists; a job starts once the runs it
+starts from are done): the DiT/2 to start from, the DC-DiT N = 4 from scratch, the DC-DiT upcycled from
+the DiT with and without the distillation warm-up, DyDiT at λ = 0.7 / 0.5 fine-tuned from the DiT (and,
+with ``--only``, from the DC-DiT), and the DiT continued for the same steps without DyDiT (a control).
+Step counts are the experiment configs'. ``report`` writes ``reports/upcycling/`` and ``reports/dydit/``
+(see finetune_report.py).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+UP, DY = "runs/upcycling", "runs/dydit"
+
+JOBS = {  # name -> (run directory, dyncompute arguments, runs it starts from)
+    "dit": (f"{UP}/dit", ["train", "experiments/upcycling/dit.gin"], []),
+    "dcdit_scratch": (f"{UP}/dcdit_scratch", ["train", "experiments/upcycling/dcdit_scratch.gin"], []),
+    "upcycled": (f"{UP}/upcycled", ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle.gin"], ["dit"]),
+    "upcycled_no_distill": (f"{UP}/upcycled_no_distill",
+                            ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle_no_distill.gin"], ["dit"]),
+    "upcycled_no_distill_block_lr1": (f"{UP}/upcycled_no_distill_block_lr1",
+                                      ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle_no_distill.gin",
+                                       "-b", "upcycling.block_lr_scale = 1.0"], ["dit"]),
+    "upcycled_block_lr1_distill_w0.1": (f"{UP}/upcycled_block_lr1_distill_w0.1",
+                                        ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle.gin", "-b",
+                                         "upcycling.block_lr_scale = 1.0", "-b", "upcycling.distill_weight = 0.1"],
+                                        ["dit"]),
+    "dit_dydit_0.7": (f"{DY}/dit_dydit_0.7", ["train", "experiments/dydit/dydit.gin", "-b",
+                                              "reducers.dydit.target = 0.7"], ["dit"]),
+    "dit_dydit_0.5": (f"{DY}/dit_dydit_0.5", ["train", "experiments/dydit/dydit.gin", "-b",
+                                              "reducers.dydit.target = 0.5"], ["dit"]),
+    "dit_continued": (f"{DY}/dit_continued", ["train", "experiments/dydit/dit_continued.gin"], ["dit"]),
+    "dcdit_dydit_0.7": (f"{DY}/dcdit_dydit_0.7", ["train", "experiments/dydit/dcdit_dydit.gin", "-b",
+                                                  "reducers.dydit.target = 0.7"], ["dcdit_scratch"]),
+    "dcdit_dydit_0.5": (f"{DY}/dcdit_dydit_0.5", ["train", "experiments/dydit/dcdit_dydit.gin", "-b",
+                                                  "reducers.dydit.target = 0.5"], ["dcdit_scratch"]),
+}
+DEFAULT = ["dit", "dcdit_scratch", "upcycled", "upcycled_no_distill", "upcycled_no_distill_block_lr1",
+           "upcycled_block_lr1_distill_w0.1", "dit_dydit_0.7", "dit_dydit_0.5", "dit_continued"]
+
+
+def run(name: str, extra: list[str]) -> bool:
+    run_dir, args, _ = JOBS[name]
+    Path(ROOT / run_dir).mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "dyncompute.cli", *args, "--run-dir", run_dir, "-b", "train.progress = False",
+           *[a for b in extra for a in ("-b", b)]]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    t0 = time.time()
+    with open(ROOT / run_dir / "log.txt", "a") as log:
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    print(f"{name}: {'ok' if rc == 0 else f'failed ({rc})'} in {time.time() - t0:.0f} s", flush=True)
+    return rc == 0
+
+
+def train(names: list[str], workers: int, extra: list[str]) -> None:
+    """Run each job once the runs it starts from are done (or were done before); failures skip dependants."""
+    status = {n: True for n in JOBS if n not in names}  # not asked for: assumed trained already
+    pending, futures = list(names), {}
+    with ThreadPoolExecutor(workers) as pool:
+        while pending or futures:
+            for name in [n for n in pending if all(d in status for d in JOBS[n][2])]:
+                pending.remove(name)
+                if all(status[d] for d in JOBS[name][2]):
+                    futures[name] = pool.submit(run, name, extra)
+                else:
+                    status[name] = False
+            for name in [n for n, f in futures.items() if f.done()]:
+                status[name] = futures.pop(name).result()
+            time.sleep(1)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("command", choices=["train", "report"])
+    p.add_argument("--only", nargs="+", choices=list(JOBS), help="jobs to run (default: all but DC-DiT + DyDiT)")
+    p.add_argument("--jobs", type=int, default=2, help="trainings at once")
+    p.add_argument("--bind", "-b", action="append", default=[], help="extra gin binding for every job")
+    p.add_argument("--out", default="reports")
+    p.add_argument("--images", type=int, default=4, help="images sampled per model for the MACs trajectory")
+    args = p.parse_args(argv)
+    if args.command == "train":
+        train(args.only or DEFAULT, args.jobs, args.bind)
+    else:
+        sys.path.insert(0, str(ROOT / "experiments"))
+        from finetune_report import write_reports
+
+        write_reports(ROOT, Path(args.out), args.images)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""DC-DiT upcycled from a DiT: exact copies, frozen embedders, distillation, clear errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from ignite.engine import Engine
+
+from dyncompute.diffusion import make_objective
+from dyncompute.engine import TrainStep
+from dyncompute.errors import ConfigError
+from dyncompute.finetune import load_shared
+from dyncompute.model import DiffusionTransformer
+from dyncompute_plugins.tokenizers.dynamic_chunking.upcycle import (
+    BlockDistillation,
+    Upcycling,
+    block_outputs,
+    check_upcyclable,
+    distillation_loss,
+    upcycle,
+)
+from dyncompute_plugins.tokenizers.patchify import to_official_dit
+
+KW = dict(input_size=8, in_channels=3, num_classes=5, depth=2, num_heads=4)
+COPIED = ("backbone.blocks.", "t_embedder.", "y_embedder.")
+
+
+def dit(hidden=32, patch=2, seed=0):
+    torch.manual_seed(seed)
+    m = DiffusionTransformer(**KW, hidden_size=hidden, tokenizer="patchify", tokenizer_kwargs={"patch_size": patch})
+    for p in m.parameters():  # a "trained" DiT: nothing left at its zero init
+        nn.init.normal_(p, std=0.05)
+    return m.eval()
+
+
+def dcdit(hidden=32, depth=2):
+    torch.manual_seed(1)
+    return DiffusionTransformer(**{**KW, "depth": depth}, hidden_size=hidden, tokenizer="dynamic_chunking",
+                                tokenizer_kwargs={"enc_dec_factor": 4, "cond_adaptor": True})
+
+
+def upcycled(teacher):
+    model = dcdit()
+    check_upcyclable(model, teacher, "dit.pt")
+    upcycle(model, teacher)
+    return model
+
+
+def test_upcycled_blocks_and_embedders_equal_the_checkpoint_and_embedders_get_no_gradient():
+    teacher = dit()
+    model = upcycled(teacher)
+    ours, theirs = model.state_dict(), teacher.state_dict()
+    copied = [k for k in theirs if k.startswith(COPIED)]
+    assert copied and all(torch.equal(ours[k], theirs[k]) for k in copied)
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 4])
+    model.train()
+    out, info = model(x, t, y, return_info=True)
+    (out.square().mean() + sum(info.aux_losses.values())).backward()
+    for name, p in model.named_parameters():
+        frozen = name.startswith(("t_embedder.", "y_embedder."))
+        assert p.requires_grad != frozen and (p.grad is None) == frozen, name
+    assert model.tokenizer.cond_norm.weight.grad is not None
+
+
+def test_the_copied_blocks_get_their_own_learning_rate_scale():
+    model = upcycled(dit())
+    groups = Upcycling(source="unused", block_lr_scale=0.1).param_groups(model)
+    blocks = {id(p) for p in model.backbone.blocks.parameters()}
+    assert groups[1]["lr_scale"] == 0.1 and {id(p) for p in groups[1]["params"]} == blocks
+    assert not blocks & {id(p) for p in groups[0]["params"]}
+    assert not any(p is model.t_embedder.mlp[0].weight for g in groups for p in g["params"])  # frozen: left out
+    with pytest.raises(ConfigError, match="block_lr_scale"):
+        Upcycling(source="unused", block_lr_scale=0.0)
+
+
+def test_official_dcdit_checkpoints_still_load_key_for_key_without_the_adaptor():
+    model = DiffusionTransformer(**KW, hidden_size=32, tokenizer="dynamic_chunking",
+                                 tokenizer_kwargs={"enc_dec_factor": 4})
+    assert model.tokenizer.cond_norm is None and not any("cond_norm" in k for k in model.state_dict())
+
+
+def test_wrong_width_or_not_a_dcdit_is_a_clear_error():
+    with pytest.raises(ConfigError, match=r"dit.pt has hidden_size = 64 but the DC-DiT config has hidden_size = 32"):
+        check_upcyclable(dcdit(), dit(hidden=64), "dit.pt")
+    with pytest.raises(ConfigError, match="not 'dynamic_chunking'"):
+        check_upcyclable(dit(), dit(), "dit.pt")
+    with pytest.raises(ConfigError, match=r"ckpt does not fit the model .*\(64, 256\) vs \(32, 256\)"):
+        load_shared(dit(hidden=32), dit(hidden=64).state_dict(), "ckpt")
+
+
+def _scatter(outs, tokens, grid=8):
+    """Packed outputs at the tokens' positions of a full (B * grid², D) teacher layout."""
+    full = []
+    for o in outs:
+        f = torch.zeros(tokens.num_samples * grid * grid, o.shape[-1])
+        f[tokens.batch * grid * grid + tokens.pos[:, 0] * grid + tokens.pos[:, 1]] = o.reshape(-1, o.shape[-1])
+        full.append(f)
+    return full
+
+
+def test_distillation_is_zero_when_student_and_teacher_see_the_same_backbone_input():
+    teacher = dit(patch=1)  # one teacher token per pixel: every student token has its own
+    student = upcycled(teacher)
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 4])
+    seen = {}
+    student.backbone.register_forward_pre_hook(lambda m, a: seen.update(tokens=a[0], c=a[1]))
+    student.eval()(x, t, y)
+    tokens, c = seen["tokens"], seen["c"]
+    student_outs = block_outputs(student.backbone, tokens, c)
+    same = block_outputs(teacher.backbone, tokens, c)  # the teacher's blocks on the student's input
+    assert distillation_loss(tokens, student_outs, _scatter(same, tokens), grid=8, patch=1).item() == 0.0
+    other = block_outputs(teacher.backbone, tokens.with_x(tokens.x + 0.1), c)
+    assert distillation_loss(tokens, student_outs, _scatter(other, tokens), grid=8, patch=1).item() > 0
+
+
+def test_distillation_term_in_the_train_step_matches_patches_and_stops_after_its_steps():
+    teacher = dit(patch=2)
+    student = upcycled(teacher)
+    term = BlockDistillation(teacher, weight=1.0, steps=1)
+    term.watch(student)
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-3)
+    step = TrainStep(student, make_objective("gaussian"), opt, 1.0, torch.device("cpu"), loss_terms=(term,))
+    engine = Engine(step)
+    engine.state.budget = {}
+    batch = {"x": torch.randn(2, 3, 8, 8), "y": torch.tensor([0, 3])}
+    engine.state.iteration = 1
+    assert step(engine, batch)["aux_distill"] > 0
+    engine.state.iteration = 2
+    assert "aux_distill" not in step(engine, batch)
+
+
+def test_upcycling_reads_an_original_dit_file(tmp_path):
+    teacher = dit()
+    path = tmp_path / "DiT-tiny.pt"
+    torch.save(to_official_dit(teacher), path)
+    model = dcdit()
+    extension = Upcycling(source=str(path), distill_steps=1)
+    extension.setup(model)
+    assert torch.equal(model.backbone.blocks[1].mlp.fc2.weight, teacher.backbone.blocks[1].mlp.fc2.weight)
+    assert not model.t_embedder.mlp[0].weight.requires_grad and len(extension.loss_terms(model)) == 1
+    with pytest.raises(ConfigError, match="DiT-tiny.pt has depth = 2 but the DC-DiT config has depth = 3"):
+        Upcycling(source=str(path)).setup(dcdit(depth=3))
+
+
+def test_upcycle_command_names_bad_input_and_exits_2(tmp_path, capsys):
+    from dyncompute.cli import main
+
+    assert main(["upcycle", str(tmp_path / "missing"), "experiments/upcycling/upcycle.gin"]) == 2
+    assert "DiT to upcycle not found" in capsys.readouterr().err
+    wide = tmp_path / "DiT-wide.pt"
+    torch.save(to_official_dit(dit(hidden=32)), wide)  # the config's DC-DiT has width 64
+    assert main(["upcycle", str(wide), "experiments/upcycling/upcycle.gin", "--run-dir", str(tmp_path / "r"),
+                 "-b", "train.progress = False"]) == 2
+    assert "hidden_size = 32 but the DC-DiT config has hidden_size = 64" in capsys.readouterr().err
