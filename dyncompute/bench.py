@@ -299,9 +299,10 @@ def bench_batch(model, batch: int, seed: int = 1) -> tuple[torch.Tensor, torch.T
 def train_step(model, x, t, y) -> Callable[[], None]:
     """One AdamW step on the diffusion loss at fixed timesteps (bfloat16 autocast on CUDA)."""
     from .diffusion import create_diffusion
+    from .engine import adamw
 
     diffusion = create_diffusion("")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = adamw(model.parameters(), lr=1e-4)
     device = x.device
 
     def step():
@@ -381,7 +382,7 @@ def ignite_overhead_case(hidden_size=256, depth=4, num_heads=4, batch=8, steps=4
     costs at most 3% more.
     """
     from .diffusion import create_diffusion
-    from .engine import create_trainer
+    from .engine import adamw, create_trainer
     from .flops import count_forward
     from .model import DiffusionTransformer
 
@@ -389,7 +390,7 @@ def ignite_overhead_case(hidden_size=256, depth=4, num_heads=4, batch=8, steps=4
     model = DiffusionTransformer(input_size=32, in_channels=4, num_classes=1000, hidden_size=hidden_size,
                                  depth=depth, num_heads=num_heads, tokenizer="patchify")
     objective = create_diffusion("")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = adamw(model.parameters(), lr=1e-4)
     data = [{"x": torch.randn(batch, 4, 32, 32), "y": torch.randint(0, 1000, (batch,))} for _ in range(steps)]
     trainer = create_trainer(model, objective, opt, grad_clip=1.0, device="cpu")
 

@@ -364,6 +364,15 @@ def open_run(run_dir: Path, config_text: str, allow_config_change: bool, steps: 
         record(run_dir, "finished", step=checkpoint_step(last) if last else 0)
 
 
+def adamw(params, **settings) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel where every parameter allows it (CPU and CUDA floating point): one
+    pass over all parameters per step instead of a loop of small kernels per tensor (~10x faster on a CPU)."""
+    groups = list(params)
+    tensors = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    fused = bool(tensors) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in tensors)
+    return torch.optim.AdamW(groups, fused=fused or None, **settings)
+
+
 def _train(run_dir: Path, s: dict, data=None) -> dict:
     """The training itself, on this process; the run directory is held and checked (`open_run`)."""
     rank = idist.get_rank()
@@ -374,7 +383,7 @@ def _train(run_dir: Path, s: dict, data=None) -> dict:
     extension = s["extension"] or TrainingExtension()
     extension.setup(model)
     obj = make_objective(s["objective"], learn_sigma=model.learn_sigma)
-    optimizer = torch.optim.AdamW(extension.param_groups(model), lr=s["lr"], weight_decay=s["weight_decay"])
+    optimizer = adamw(extension.param_groups(model), lr=s["lr"], weight_decay=s["weight_decay"])
     holder: dict = {}  # the sample stream reads the trainer's position when an iterator starts
     loader = build_loader(data, s["batch_size"], s["seed"], lambda: holder["trainer"].state.iteration,
                           s["num_workers"], dev)
