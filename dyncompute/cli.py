@@ -198,8 +198,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args([a for a in argv if a != "--debug"])
     from . import commands
     from .errors import DyncomputeError, one_line, quiet_libraries
+    from .processes import tune_allocator
 
     quiet_libraries()
+    tune_allocator()
 
     try:
         getattr(commands, args.command)(args)

@@ -231,3 +231,16 @@ def test_bench_case_args_are_checked(capsys):
     assert parse_case_args(["batch=64", "compile=True", "name=x"]) == {"batch": 64, "compile": True, "name": "x"}
     assert main(["bench", "dit_train_step", "--arg", "batch"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_allocator_tuning_applies_on_glibc_and_can_be_switched_off(monkeypatch):
+    import platform
+
+    from dyncompute.processes import tune_allocator
+
+    monkeypatch.setenv("DYNCOMPUTE_MALLOC_TUNING", "0")
+    assert tune_allocator() is False
+    monkeypatch.delenv("DYNCOMPUTE_MALLOC_TUNING")
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's mallopt only")
+    assert tune_allocator() is True  # glibc accepted every setting

@@ -78,6 +78,9 @@ def prepare(root: str | Path, sweep_name: str, cell: Cell, threads: int | None =
 
 def run_cell(path: str) -> dict:
     """Run the cell in folder ``path``; returns ``{"cell_id", "status": "finished"|"failed", ...}``."""
+    from ..processes import tune_allocator
+
+    tune_allocator()  # a cell process samples in loops like the CLI's
     cdir = Path(path)
     spec = json.loads((cdir / "cell.json").read_text())
     root, t0, cpu0, stage = cdir.parent.parent, time.perf_counter(), time.process_time(), "train"
