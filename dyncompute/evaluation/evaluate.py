@@ -35,7 +35,7 @@ from .heldout import (
     nest,
     router_maps_at,
 )
-from .metrics import quality
+from .metrics import quality_against, stack_items
 from .router import plot_router_maps
 
 FIGURE_IMAGES = 6
@@ -56,8 +56,7 @@ def evaluate_run(run_dir, num_samples: int = 256, sampler: str = "ddpm", steps: 
     model, samples = _model_and_samples(run_dir, weights, num_samples=num_samples, sampler=sampler,
                                         num_steps=steps, cfg_scale=cfg_scale, seed=seed, device=device)
     objective = make_objective(kind, **({"learn_sigma": model.learn_sigma} if kind == "gaussian" else {}))
-    real, real_y, _ = _stack(reference, num_samples)
-    metrics = quality(extractors, samples.images, samples.labels, real, real_y, _stack(second, num_samples)[0])
+    metrics = quality_against(extractors, samples.images, samples.labels, reference, second)
     evaluator = create_heldout_evaluator(model, objective, TIMESTEPS, seed)
     held = nest(evaluate_heldout(evaluator, model, heldout_loader(torch.utils.data.Subset(reference, range(heldout)),
                                                                     batch_size=64)))
@@ -86,18 +85,13 @@ def _bound(key: str, default):
         return default
 
 
-def _stack(data, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    items = [data[i] for i in range(n)]
-    return tuple(torch.stack([it[k] for it in items]) for k in ("x", "y", "mask"))
-
-
 def _write(out: Path, result: dict, images, model, objective, reference, seed: int) -> None:
     from ..sampling import save_samples
 
     out = Path(out)
     save_samples(images, out, name="eval_samples")
     if "router_auroc" in result:
-        x, y, mask = _stack(reference, FIGURE_IMAGES)
+        x, y, mask = stack_items(reference, FIGURE_IMAGES, ("x", "y", "mask"))
         p, kept = router_maps_at(model, objective, x, y, TIMESTEPS, seed)
         scores = {k: {int(t): v for t, v in result[k].items()} for k in ("router_auroc", "kept_fraction")}
         plot_router_maps(x, mask, p, kept, list(TIMESTEPS), scores, out / "router_maps.png")

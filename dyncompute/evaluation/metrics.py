@@ -103,3 +103,19 @@ def quality(extractors: list[FeatureExtractor], fake: torch.Tensor, labels: torc
             batch["real_b"] = real_b[s]
         batches.append({k: v.to(device) for k, v in batch.items()})
     return {name: float(value) for name, value in engine.run(batches).metrics.items()}
+
+
+def stack_items(data, n: int, keys=("x", "y")) -> tuple[torch.Tensor, ...]:
+    """The first ``n`` items of a dataset, each of ``keys`` stacked into one tensor."""
+    items = [data[i] for i in range(n)]
+    return tuple(torch.stack([torch.as_tensor(it[k]) for it in items]) for k in keys)
+
+
+def quality_against(extractors: list[FeatureExtractor], fake: torch.Tensor, labels: torch.Tensor, reference,
+                    second) -> dict[str, float]:
+    """`quality` of ``fake`` (with its ``labels``) against as many images of the held-out dataset
+    ``reference``, with the real-vs-real floor from the disjoint held-out dataset ``second``."""
+    n = len(fake)
+    real, real_y = stack_items(reference, n)
+    return quality(extractors, fake.cpu(), labels.cpu(), real, real_y, stack_items(second, n, ("x",))[0])
+

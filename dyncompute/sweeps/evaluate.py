@@ -31,7 +31,7 @@ from ..evaluation.heldout import (
     heldout_dataset,
     heldout_loader,
 )
-from ..evaluation.metrics import quality
+from ..evaluation.metrics import quality_against
 from ..registry import FEATURE_EXTRACTORS
 
 GOALS = {"heldout_denoise_mse": "min", "psnr_vs_reference_dB": "max", "mse_vs_reference": "min"}
@@ -98,8 +98,6 @@ def sample_quality(name: str, dataset: str, samples, goals: dict, descriptions: 
         notes.append(f"{extractor.fid_name}: not measured, it needs more samples than the extractor's "
                      f"{extractor.num_features} features (CellSettings.num_samples = {n})")
         return {}
-    real_x, real_y = _stack(real, n)
-    second = _stack(heldout_dataset(dataset, n, SECOND_SEED), n)[0]
     names = {extractor.fid_name: "min", extractor.is_name: "max"}
     if extractor.cas_name:
         names[extractor.cas_name] = "max"
@@ -108,12 +106,8 @@ def sample_quality(name: str, dataset: str, samples, goals: dict, descriptions: 
     descriptions[extractor.fid_name] = (f"FID on {name} features, {n} samples vs {n} held-out real images (not "
                                         f"comparable with Inception FIDs); {extractor.fid_name}_real: two real sets")
     descriptions[extractor.is_name] = f"Inception Score on {name} class probabilities, {n} samples"
-    return quality([extractor], samples.images.cpu(), samples.labels.cpu(), real_x, real_y, second)
-
-
-def _stack(data, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    items = [data[i] for i in range(n)]
-    return torch.stack([it["x"] for it in items]), torch.as_tensor([int(it["y"]) for it in items])
+    second = heldout_dataset(dataset, n, SECOND_SEED)
+    return quality_against([extractor], samples.images, samples.labels, real, second)
 
 
 def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
