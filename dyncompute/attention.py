@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from timm.layers import Attention
 
 from . import width
+from .linear import linear
 from .tokens import Tokens
 
 try:  # optional CUDA kernel
@@ -228,7 +229,7 @@ class PackedAttention(Attention):
             w_qkv = w_qkv.view(3, H, d, -1)[:, heads].reshape(-1, w_qkv.shape[1])
             b_qkv = None if b_qkv is None else b_qkv.view(3, H, d)[:, heads].reshape(-1)
             w_proj = w_proj.view(w_proj.shape[0], H, d)[:, heads].flatten(1)
-        qkv = F.linear(h, w_qkv, b_qkv)
+        qkv = linear(h, w_qkv, b_qkv)
         if tokens.uniform:
             B, L = h.shape[:2]
             q, k, v = qkv.view(B, L, 3, n, d).permute(2, 0, 3, 1, 4).unbind(0)
@@ -240,4 +241,4 @@ class PackedAttention(Attention):
             o = varlen_attention(self.q_norm(q), self.k_norm(k), v, tokens)  # (T, n, d)
             if mask is not None:
                 o = o * mask[tokens.batch][:, :, None]
-        return self.proj_drop(F.linear(self.norm(o.flatten(-2)), w_proj, self.proj.bias))
+        return self.proj_drop(linear(self.norm(o.flatten(-2)), w_proj, self.proj.bias))

@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from .backbone import Backbone
 from .layers import LabelEmbedder, TimestepEmbedder
+from .linear import adopt
 from .reducer import ForwardInfo, Hooks, Reducer, StepCache, new_step_cache
 from .registry import REDUCERS, TOKENIZERS
 from .tokenizer import Tokenizer
@@ -95,6 +96,7 @@ class DiffusionTransformer(nn.Module):
         for reducer in self.reducers:
             reducer.check_model(self)
             reducer.bind(self)
+        adopt(self)  # every dense layer through the fast CPU matmul (dyncompute.linear)
         if compile:  # the opt-in compiled path (dyncompute.compile)
             from .compile import compile_model
 

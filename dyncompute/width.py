@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
+from .linear import linear
 from .tokens import Tokens
 
 
@@ -68,9 +68,9 @@ def _channels(module, h: torch.Tensor, tokens: Tokens, pattern: torch.Tensor | N
         G, groups = len(pattern), pattern.nonzero().squeeze(1)
         w1, b1 = w1.view(G, -1, w1.shape[1])[groups].flatten(0, 1), b1.view(G, -1)[groups].flatten()
         w2 = w2.view(w2.shape[0], G, -1)[:, groups].flatten(1)
-    a = F.linear(h, w1, b1)
+    a = linear(h, w1, b1)
     if mask is not None:
         per_token = mask[:, None] if tokens.uniform else mask[tokens.batch]
         a = (a.unflatten(-1, (mask.shape[-1], -1)) * per_token[..., None]).flatten(-2)
     a = module.norm(module.drop1(module.act(a)))
-    return module.drop2(F.linear(a, w2, module.fc2.bias))
+    return module.drop2(linear(a, w2, module.fc2.bias))

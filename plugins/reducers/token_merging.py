@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from dyncompute.errors import ConfigError
 from dyncompute.flops import count_macs
+from dyncompute.linear import linear
 from dyncompute.reducer import BlockContext, Op, Reducer
 from dyncompute.registry import REDUCERS
 from dyncompute.tokens import Tokens
@@ -277,5 +278,5 @@ def head_mean_keys(x: torch.Tensor, attn) -> torch.Tensor:
     """ToMe's metric: the attention's keys of x (T, D), averaged over heads -> (T, head_dim)."""
     D = attn.qkv.in_features
     bias = None if attn.qkv.bias is None else attn.qkv.bias[D:2 * D]
-    k = F.linear(x, attn.qkv.weight[D:2 * D], bias)
+    k = linear(x, attn.qkv.weight[D:2 * D], bias)
     return k.view(len(x), attn.num_heads, attn.head_dim).mean(1)
