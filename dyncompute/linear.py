@@ -6,9 +6,10 @@ shapes; ``dyncompute bench dit_train_step`` prints both). `linear` sends fp32 CP
 and of its backward (dX = dY W, dW = dY^T X) through ``torch.ops.mkldnn._linear_pointwise`` and, without
 gradients, fuses the MLP's tanh-GELU into the matmul's epilogue (one kernel instead of two passes).
 
-It falls back to ``F.linear`` wherever that is the better or the only choice: other devices and dtypes,
-autocast, TorchScript tracing (fvcore's FLOP count sees ``aten::linear``), a torch dispatch mode
-(``FlopCounterMode``), ``torch.compile`` (inductor picks its own kernels), or ``DYNCOMPUTE_ONEDNN=0``.
+Compiled graphs call the same kernel as one opaque operator (`onednn_linear`). It falls back to
+``F.linear`` wherever that is the better or the only choice: other devices and dtypes, autocast,
+TorchScript tracing (fvcore's FLOP count sees ``aten::linear``), a torch dispatch mode
+(``FlopCounterMode``), or ``DYNCOMPUTE_ONEDNN=0``.
 Results match ``F.linear`` to float rounding (a different summation order), not bit for bit.
 """
 from __future__ import annotations
@@ -23,19 +24,30 @@ ENABLED = os.environ.get("DYNCOMPUTE_ONEDNN", "1") != "0" and torch.backends.mkl
 
 
 def _onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    if not ENABLED or torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if not ENABLED or torch.jit.is_tracing() or x.device.type != "cpu" or x.dim() < 2:
         return False
-    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.dim() >= 2 and x.numel() > 0
-            and not torch.is_autocast_enabled("cpu") and torch._C._len_torch_dispatch_stack() == 0)
+    if not x.dtype == weight.dtype == torch.float32:
+        return False
+    if torch.compiler.is_compiling():  # compiled graphs call `onednn_linear` (below)
+        return True
+    return x.numel() > 0 and not torch.is_autocast_enabled("cpu") and torch._C._len_torch_dispatch_stack() == 0
 
 
-def _mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str = "none",
-        algorithm: str = "") -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, act, [], algorithm)
+def _mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu_tanh: bool = False) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu_tanh else "none", [],
+                                              "tanh" if gelu_tanh else "")
+
+
+def _grads(grad, x, weight, needs: tuple[bool, bool, bool], mm=_mm):
+    """dX = dY W, dW = dY^T X, db = sum dY (the rows of every leading dimension together)."""
+    g = grad.reshape(-1, grad.shape[-1])
+    dx = mm(g, weight.t(), None).view(x.shape) if needs[0] else None
+    dw = mm(g.t(), x.reshape(-1, x.shape[-1]).t(), None) if needs[1] else None
+    return dx, dw, g.sum(0) if needs[2] else None
 
 
 class _Linear(torch.autograd.Function):
-    """x W^T + b with all three matmuls of forward and backward on oneDNN."""
+    """x W^T + b with all three matmuls of forward and backward on oneDNN (eager)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -47,11 +59,37 @@ class _Linear(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])
-        dx = _mm(g, weight.t(), None).view(x.shape) if ctx.needs_input_grad[0] else None
-        dw = _mm(g.t(), x.reshape(-1, x.shape[-1]).t(), None) if ctx.needs_input_grad[1] else None
-        db = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
+        return _grads(grad, x, weight, needs)
+
+
+@torch.library.custom_op("dyncompute::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu_tanh: bool) -> torch.Tensor:
+    """The same oneDNN matmul as one opaque operator, for compiled graphs (inductor's own lowering of the
+    oneDNN kernel needs frozen weights); inductor fuses the elementwise work around it."""
+    return _mm(x, weight, bias, gelu_tanh)
+
+
+@onednn_linear.register_fake
+def _(x, weight, bias, gelu_tanh):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _save(ctx, inputs, output):
+    x, weight, bias, gelu_tanh = inputs
+    if gelu_tanh:
+        raise ValueError("the fused GELU has no backward: `linear` fuses it only without gradients")
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
+    return *_grads(grad, x, weight, needs, lambda a, w, b: onednn_linear(a, w, b, False)), None
+
+
+onednn_linear.register_autograd(_backward, setup_context=_save)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -60,9 +98,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if not _onednn(x, weight):
         y = F.linear(x, weight, bias)
         return F.gelu(y, approximate="tanh") if gelu_tanh else y
-    if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad
-                                           or (bias is not None and bias.requires_grad)):
-        return _mm(x, weight, bias, "gelu", "tanh") if gelu_tanh else _mm(x, weight, bias)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if torch.compiler.is_compiling():
+        y = onednn_linear(x, weight, bias, gelu_tanh and not grad)
+        return F.gelu(y, approximate="tanh") if gelu_tanh and grad else y
+    if not grad:
+        return _mm(x, weight, bias, gelu_tanh)
     y = _Linear.apply(x, weight, bias)
     return F.gelu(y, approximate="tanh") if gelu_tanh else y
 

@@ -82,3 +82,17 @@ def test_models_convert_every_dense_layer_and_keep_their_state_dict():
             dl.ENABLED = enabled
     assert out.abs().max() > 0.1
     torch.testing.assert_close(out, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_graph_operator_passes_opcheck_and_matches_eager_gradients():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 5, 8, generator=g, requires_grad=True)
+    w = torch.randn(6, 8, generator=g, requires_grad=True)
+    b = torch.randn(6, generator=g, requires_grad=True)
+    torch.library.opcheck(dl.onednn_linear, (x, w, b, False))  # fake (meta) shapes and autograd registration
+    out = dl.onednn_linear(x, w, b, False)
+    torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(out.sum(), (x, w, b))
+    ref = torch.autograd.grad(F.linear(x, w, b).sum(), (x, w, b))
+    for ours, expected in zip(grads, ref):
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
