@@ -49,17 +49,25 @@ def _padded(rows: torch.Tensor) -> torch.Tensor:
     return torch.cat([rows, rows.new_zeros(extra, rows.shape[1])])
 
 
+def _rows(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """x's rows (leading dimensions flattened), zero-padded (DC-DiT's packed token counts are arbitrary)
+    when the copy is no larger than the output (x's width at most the layer's), and their number."""
+    rows = x.reshape(-1, x.shape[-1])
+    pad = x.shape[-1] <= weight.shape[0] and not torch.compiler.is_compiling()  # compiled: no guard on lengths
+    return (_padded(rows) if pad else rows), rows.shape[0]
+
+
+def _unrows(y: torch.Tensor, n: int, x: torch.Tensor) -> torch.Tensor:
+    return (y if y.shape[0] == n else y[:n]).view(*x.shape[:-1], y.shape[-1])
+
+
 def _mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu_tanh: bool = False,
         second: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
-    """The forward matmul over x's rows (leading dimensions flattened), then optionally a ``second``
-    (weight, bias) layer on its output. The rows are zero-padded (DC-DiT's packed token counts are
-    arbitrary) when the copy is no larger than the output: x's width at most the first layer's."""
-    rows = x.reshape(-1, x.shape[-1])
-    n = rows.shape[0]
-    y = _raw(_padded(rows) if x.shape[-1] <= weight.shape[0] else rows, weight, bias, gelu_tanh)
-    if second is not None:
-        y = _raw(y, *second)
-    return y[:n].view(*x.shape[:-1], y.shape[-1])
+    """The forward matmul without gradients, then optionally a ``second`` (weight, bias) layer on its
+    output (the padded rows carried through both)."""
+    rows, n = _rows(x, weight)
+    y = _raw(rows, weight, bias, gelu_tanh)
+    return _unrows(y if second is None else _raw(y, *second), n, x)
 
 
 def _grads(grad, x, weight, needs: tuple[bool, bool, bool], mm=_raw):
@@ -77,7 +85,7 @@ class _Linear(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _mm(x, weight, bias)
+        return _raw(x, weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -91,7 +99,7 @@ class _Linear(torch.autograd.Function):
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu_tanh: bool) -> torch.Tensor:
     """The same oneDNN matmul as one opaque operator, for compiled graphs (inductor's own lowering of the
     oneDNN kernel needs frozen weights); inductor fuses the elementwise work around it."""
-    return _mm(x, weight, bias, gelu_tanh)
+    return _raw(x, weight, bias, gelu_tanh)
 
 
 @onednn_linear.register_fake
@@ -123,12 +131,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         y = F.linear(x, weight, bias)
         return F.gelu(y, approximate="tanh") if gelu_tanh else y
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    if torch.compiler.is_compiling():
-        y = onednn_linear(x, weight, bias, gelu_tanh and not grad)
-        return F.gelu(y, approximate="tanh") if gelu_tanh and grad else y
-    if not grad:
+    if not grad and not torch.compiler.is_compiling():
         return _mm(x, weight, bias, gelu_tanh)
-    y = _Linear.apply(x, weight, bias)
+    rows, n = _rows(x, weight)  # the autograd-visible slice of the padded rows happens outside the kernel
+    if torch.compiler.is_compiling():
+        y = _unrows(onednn_linear(rows, weight, bias, gelu_tanh and not grad), n, x)
+        return F.gelu(y, approximate="tanh") if gelu_tanh and grad else y
+    y = _unrows(_Linear.apply(rows, weight, bias), n, x)
     return F.gelu(y, approximate="tanh") if gelu_tanh else y
 
 
