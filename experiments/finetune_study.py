@@ -23,19 +23,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 UP, DY = "runs/upcycling", "runs/dydit"
 
+POS1 = ("-b", "tokenizers.dynamic_chunking.pos_scale = 1.0")
 JOBS = {  # name -> (run directory, dyncompute arguments, runs it starts from)
     "dit": (f"{UP}/dit", ["train", "experiments/upcycling/dit.gin"], []),
     "dcdit_scratch": (f"{UP}/dcdit_scratch", ["train", "experiments/upcycling/dcdit_scratch.gin"], []),
-    "upcycled": (f"{UP}/upcycled", ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle.gin"], ["dit"]),
+    # pos_scale 1.0: the first upcycled runs, before tokens got the DiT's position code (upcycle.gin's 0.5)
+    "upcycled": (f"{UP}/upcycled", ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle.gin", *POS1], ["dit"]),
     "upcycled_no_distill": (f"{UP}/upcycled_no_distill",
-                            ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle_no_distill.gin"], ["dit"]),
+                            ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle_no_distill.gin", *POS1], ["dit"]),
     "upcycled_no_distill_block_lr1": (f"{UP}/upcycled_no_distill_block_lr1",
                                       ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle_no_distill.gin",
-                                       "-b", "upcycling.block_lr_scale = 1.0"], ["dit"]),
+                                       "-b", "upcycling.block_lr_scale = 1.0", *POS1], ["dit"]),
     "upcycled_block_lr1_distill_w0.1": (f"{UP}/upcycled_block_lr1_distill_w0.1",
                                         ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle.gin", "-b",
-                                         "upcycling.block_lr_scale = 1.0", "-b", "upcycling.distill_weight = 0.1"],
-                                        ["dit"]),
+                                         "upcycling.block_lr_scale = 1.0", "-b", "upcycling.distill_weight = 0.1",
+                                         *POS1], ["dit"]),
+    "upcycled_pos": (f"{UP}/upcycled_pos", ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle.gin"], ["dit"]),
+    "upcycled_pos_no_distill": (f"{UP}/upcycled_pos_no_distill",
+                                ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle_no_distill.gin", "-b",
+                                 "upcycling.block_lr_scale = 1.0"], ["dit"]),
     "dit_dydit_0.7": (f"{DY}/dit_dydit_0.7", ["train", "experiments/dydit/dydit.gin", "-b",
                                               "reducers.dydit.target = 0.7"], ["dit"]),
     "dit_dydit_0.5": (f"{DY}/dit_dydit_0.5", ["train", "experiments/dydit/dydit.gin", "-b",

@@ -152,3 +152,16 @@ def test_upcycle_command_names_bad_input_and_exits_2(tmp_path, capsys):
     assert main(["upcycle", str(wide), "experiments/upcycling/upcycle.gin", "--run-dir", str(tmp_path / "r"),
                  "-b", "train.progress = False"]) == 2
     assert "hidden_size = 32 but the DC-DiT config has hidden_size = 64" in capsys.readouterr().err
+
+
+def test_pos_scale_gives_each_pixel_the_code_its_dit_patch_had():
+    """pos_scale = 1/P: the token at pixel (P i, P j) carries the DiT/P's position code of patch (i, j)."""
+    teacher = dit(patch=2)
+    student = DiffusionTransformer(**KW, hidden_size=32, tokenizer="dynamic_chunking",
+                                   tokenizer_kwargs={"enc_dec_factor": 4, "pos_scale": 0.5})
+    grid = KW["input_size"]
+    pixel = student.tokenizer.pos_embed.view(grid, grid, -1)[::2, ::2].reshape(-1, 32)
+    torch.testing.assert_close(pixel, teacher.tokenizer.pos_embed[0])
+    assert not torch.allclose(dcdit().tokenizer.pos_embed.view(grid, grid, -1)[::2, ::2].reshape(-1, 32), pixel)
+    with pytest.raises(ConfigError, match="pos_scale"):
+        DiffusionTransformer(**KW, hidden_size=32, tokenizer="dynamic_chunking", tokenizer_kwargs={"pos_scale": 0})

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
+from dyncompute.errors import ConfigError
 from dyncompute.layers import FinalLayer, grid_positions, sincos_2d
 from dyncompute.registry import TOKENIZERS
 from dyncompute.tokenizer import Tokenizer
@@ -59,11 +60,14 @@ class DynamicChunking(Tokenizer):
                  ratio_loss_weight: float = 0.03, ratio_group_size: int | None = None,
                  enc_dec_factor: int = 4, encoder_depth: int = 2, decoder_depth: int = 2,
                  dechunk_sigma: float = 1.0, tail_drop: float = 0.0,
-                 budget_set: Sequence[float] = (), budget_warmup_steps: int = 0, cond_adaptor: bool = False):
+                 budget_set: Sequence[float] = (), budget_warmup_steps: int = 0, cond_adaptor: bool = False,
+                 pos_scale: float = 1.0):
         super().__init__()
         check_target_ratio(target_ratio)
         for rho in (tail_drop, *budget_set):
             check_tail_drop(rho)
+        if not (isinstance(pos_scale, (int, float)) and pos_scale > 0):
+            raise ConfigError(f"tokenizers.dynamic_chunking.pos_scale must be a positive number, got {pos_scale!r}")
         if hidden_size % enc_dec_factor:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by enc_dec_factor {enc_dec_factor}")
         D, d, cond_dim = hidden_size, hidden_size // enc_dec_factor, cond_dim or hidden_size
@@ -80,7 +84,10 @@ class DynamicChunking(Tokenizer):
         self.residual_proj = nn.Linear(D, D)
         self.decoder = ConvStack(D, d, decoder_depth, cond_dim, widen="first")
         self.final_layer = FinalLayer(d, 1, out_channels, cond_dim=cond_dim)
-        self.register_buffer("pos_embed", sincos_2d(D, grid_positions(input_size)), persistent=False)
+        # Sin-cos code of each pixel's (row, col) x pos_scale: 1 is the official DC-DiT's; an upcycled DC-DiT
+        # uses 1 / P of its DiT/P, so that a token at pixel (r, c) gets the code the DiT gave patch (r/P, c/P).
+        self.pos_scale = float(pos_scale)
+        self.register_buffer("pos_embed", sincos_2d(D, grid_positions(input_size) * self.pos_scale), persistent=False)
         # Upcycling from a DiT: a trainable LayerNorm between the (frozen, DiT-scaled) conditioning vector
         # and the scaffold's encoder, decoder and final layer. Off by default: official checkpoints have none.
         self.cond_norm = nn.LayerNorm(cond_dim) if cond_adaptor else None
