@@ -165,3 +165,29 @@ def test_pos_scale_gives_each_pixel_the_code_its_dit_patch_had():
     assert not torch.allclose(dcdit().tokenizer.pos_embed.view(grid, grid, -1)[::2, ::2].reshape(-1, 32), pixel)
     with pytest.raises(ConfigError, match="pos_scale"):
         DiffusionTransformer(**KW, hidden_size=32, tokenizer="dynamic_chunking", tokenizer_kwargs={"pos_scale": 0})
+
+
+def test_bridged_upcycle_computes_the_dit_when_every_pixel_is_kept():
+    """dit_bridge: the DiT's patch embedding and final layer beside the scaffold. With every pixel kept,
+    each patch's token appears once per pixel; attention over identical copies of every key equals attention
+    over the patches, so the upcycled DC-DiT's prediction is the DiT's, exactly (up to float rounding)."""
+    teacher = dit(hidden=32, patch=2)
+    torch.manual_seed(1)
+    model = DiffusionTransformer(**KW, hidden_size=32, tokenizer="dynamic_chunking",
+                                 tokenizer_kwargs={"enc_dec_factor": 4, "cond_adaptor": True, "dit_bridge": 2})
+    check_upcyclable(model, teacher, "dit.pt")
+    upcycle(model, teacher)
+    torch.testing.assert_close(model.tokenizer.bridge.x_embedder.weight, teacher.tokenizer.x_embedder.proj.weight)
+    with torch.no_grad():
+        model.tokenizer.router.residual_scorer[-1].bias.fill_(50.0)  # every pixel a boundary
+    model.eval()
+    g = torch.Generator().manual_seed(4)
+    x, t, y = torch.randn(3, 3, 8, 8, generator=g), torch.tensor([10, 500, 900]), torch.tensor([0, 2, 4])
+    with torch.no_grad():
+        out, info = model(x, t, y, return_info=True)
+        expected = teacher(x, t, y)
+    assert bool(info.state.mask.all())
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="dit_bridge = 4"):
+        upcycle(model, dit(hidden=32, patch=4))

@@ -15,8 +15,9 @@ from dyncompute.registry import TOKENIZERS
 from dyncompute.tokenizer import Tokenizer
 from dyncompute.tokens import Tokens
 
-from .chunking import STE, boundary_rules, check_tail_drop, chunk, drop_tail
-from .dechunk import DECHUNKERS
+from .bridge import DiTBridge
+from .chunking import STE, boundary_rules, check_tail_drop, chunk, drop_tail, nearest_kept, pad_packed
+from .dechunk import DECHUNKERS, gather_rows
 from .encoder import ConvStack
 from .losses import check_target_ratio, ratio_loss
 from .routers import ROUTERS
@@ -33,6 +34,7 @@ class ChunkState:
     residual: torch.Tensor  # (B, L, D) residual projection of the encoder output
     grid: tuple[int, int]
     tail_drop: float | torch.Tensor = 0.0
+    bridge: torch.Tensor | None = None  # (B, L, C) the DiT bridge's prediction (bridge.py), set by to_grid
 
     @property
     def kept_fraction(self) -> torch.Tensor:
@@ -49,7 +51,8 @@ class DynamicChunking(Tokenizer):
     # FLOP accounting (dyncompute.flops): submodule -> the paper's component names
     flop_components = {"stem": "embeddings", "cond_norm": "embeddings", "encoder": "encoder", "router": "router",
                        "dechunker": "de-chunk", "backbone_norm": "de-chunk", "residual_proj": "de-chunk",
-                       "decoder": "decoder", "final_layer": "final layer"}
+                       "decoder": "decoder", "final_layer": "final layer", "bridge.x_embedder": "embeddings",
+                       "bridge.final_layer": "final layer"}
     flop_order = ("embeddings", "encoder", "router", "chunk", "backbone", "de-chunk", "decoder", "final layer")
     flop_ignored_ops = ("prim::PythonOp.STE",)  # straight-through estimator: an identity, 0 MACs
     static_parts = ("stem", "encoder", "router", "decoder", "final_layer")  # shapes follow the grid
@@ -61,7 +64,7 @@ class DynamicChunking(Tokenizer):
                  enc_dec_factor: int = 4, encoder_depth: int = 2, decoder_depth: int = 2,
                  dechunk_sigma: float = 1.0, tail_drop: float = 0.0,
                  budget_set: Sequence[float] = (), budget_warmup_steps: int = 0, cond_adaptor: bool = False,
-                 pos_scale: float = 1.0):
+                 pos_scale: float = 1.0, dit_bridge: int = 0):
         super().__init__()
         check_target_ratio(target_ratio)
         for rho in (tail_drop, *budget_set):
@@ -87,7 +90,17 @@ class DynamicChunking(Tokenizer):
         # Sin-cos code of each pixel's (row, col) x pos_scale: 1 is the official DC-DiT's; an upcycled DC-DiT
         # uses 1 / P of its DiT/P, so that a token at pixel (r, c) gets the code the DiT gave patch (r/P, c/P).
         self.pos_scale = float(pos_scale)
-        self.register_buffer("pos_embed", sincos_2d(D, grid_positions(input_size) * self.pos_scale), persistent=False)
+        positions = grid_positions(input_size) * self.pos_scale
+        # Upcycling's function-preserving start (bridge.py): a DiT/P's patch embedding and final layer
+        # beside the scaffold, tokens coded with the DiT's position of their patch. 0: none (the paper's).
+        self.bridge = None
+        if dit_bridge:
+            if pos_scale != 1:
+                raise ConfigError("tokenizers.dynamic_chunking.dit_bridge codes positions by patch: "
+                                  "leave pos_scale at 1")
+            self.bridge = DiTBridge(in_channels, D, out_channels, input_size, dit_bridge, cond_dim)
+            positions = grid_positions(input_size) // dit_bridge
+        self.register_buffer("pos_embed", sincos_2d(D, positions), persistent=False)
         # Upcycling from a DiT: a trainable LayerNorm between the (frozen, DiT-scaled) conditioning vector
         # and the scaffold's encoder, decoder and final layer. Off by default: official checkpoints have none.
         self.cond_norm = nn.LayerNorm(cond_dim) if cond_adaptor else None
@@ -105,6 +118,11 @@ class DynamicChunking(Tokenizer):
         nn.init.ones_(self.backbone_norm.weight)
         self.router.initialize_weights()
         self.final_layer.zero_init()
+        if self.bridge is not None:  # as DiT's own ends start (upcycling then copies the DiT's)
+            w = self.bridge.x_embedder.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            nn.init.zeros_(self.bridge.x_embedder.bias)
+            self.bridge.final_layer.zero_init()
 
     # ---- budgets -------------------------------------------------------------------------------
     def training_budgets(self) -> tuple[tuple[dict[str, float], ...], int]:
@@ -121,12 +139,15 @@ class DynamicChunking(Tokenizer):
         p, mask_natural, confidence = boundary_rules(self.router(h, grid))
         mask = drop_tail(p, mask_natural, rho)
         residual = self.residual_proj(h.float())
-        tokens = chunk(h, mask, self.pos_embed, grid[1])
+        tokens = chunk(h if self.bridge is None else self.bridge.embed(x, h), mask, self.pos_embed, grid[1])
         return tokens, ChunkState(p, mask, mask_natural, confidence, residual, grid, rho)
 
     def to_grid(self, tokens: Tokens, state: ChunkState, c: torch.Tensor) -> torch.Tensor:
         """De-chunk: RMSNorm, smooth and plug back onto every pixel, gate by STE(confidence), add the
         residual projection of the encoder output; (B, H*W, D)."""
+        if self.bridge is not None:  # the DiT's final layer reads each pixel's nearest kept token as it is
+            state.bridge = self.bridge.head(gather_rows(pad_packed(tokens.x, tokens)[0],
+                                                         nearest_kept(state.mask, state.grid[1])), c)
         z = self.backbone_norm(tokens.x)
         h = self.dechunker(z, tokens, state.p, state.mask, state.grid)
         return (h * STE.apply(state.confidence)[..., None] + state.residual).to(z.dtype)
@@ -140,6 +161,8 @@ class DynamicChunking(Tokenizer):
         c = self.scaffold_condition(c)
         h = self.decoder(rearrange(h, "b (r w) d -> b d r w", r=r, w=w), c)
         out = self.final_layer(h, c)
+        if self.bridge is not None:
+            out = out + state.bridge
         return rearrange(out, "b (r w) c -> b c r w", r=r, w=w)
 
     def aux_losses(self, state: ChunkState) -> dict[str, torch.Tensor]:

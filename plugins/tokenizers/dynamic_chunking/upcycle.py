@@ -49,10 +49,24 @@ def check_upcyclable(model: nn.Module, dit: nn.Module, source) -> None:
             raise ConfigError(f"checkpoint {source} has {key} = {theirs} but the DC-DiT config has {key} = {ours}")
 
 
+BRIDGED = (("tokenizer.x_embedder.proj.", "tokenizer.bridge.x_embedder."),
+           ("tokenizer.final_layer.", "tokenizer.bridge.final_layer."))
+
+
 def upcycle(model: nn.Module, dit: nn.Module) -> None:
-    """Copy the DiT's backbone blocks and t/y embedders into ``model`` and freeze the embedders."""
+    """Copy the DiT's backbone blocks and t/y embedders into ``model`` (and, when it has a DiT bridge, the
+    DiT's patch embedding and final layer into it) and freeze the embedders."""
     theirs = dit.state_dict()
-    model.load_state_dict({k: v for k, v in theirs.items() if k.startswith(COPIED)}, strict=False)
+    copied = {k: v for k, v in theirs.items() if k.startswith(COPIED)}
+    bridge = model.tokenizer.bridge
+    if bridge is not None:
+        if bridge.patch_size != dit.tokenizer.patch_size:
+            raise ConfigError(f"the DiT bridge has patch size {bridge.patch_size} but the DiT's is "
+                              f"{dit.tokenizer.patch_size}: bind tokenizers.dynamic_chunking.dit_bridge = "
+                              f"{dit.tokenizer.patch_size}")
+        copied.update({ours + k[len(src):]: v for k, v in theirs.items()
+                       for src, ours in BRIDGED if k.startswith(src)})
+    model.load_state_dict(copied, strict=False)
     for name, p in model.named_parameters():
         if name.startswith(FROZEN):
             p.requires_grad_(False)

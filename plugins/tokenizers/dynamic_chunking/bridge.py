@@ -1,0 +1,50 @@
+"""A DiT/P's own input and output layers beside DC-DiT's scaffold: a function-preserving upcycling start.
+
+This project's extension, not the paper's recipe. Upcycling copies a DiT's backbone blocks, but a fresh
+encoder feeds them and a fresh decoder reads them, so at the start the copied blocks see inputs and
+produce outputs that nothing around them understands. The bridge keeps the DiT's two ends:
+
+- ``x_embedder``: the DiT's patch embedding (a P x P, stride-P convolution), read at every pixel from its
+  patch; a kept token at pixel (r, c) enters the backbone as that embedding plus ``encoder_gate`` (zero
+  at the start) times the encoder's features, with the DiT's position code of patch (r // P, c // P);
+- ``final_layer``: the DiT's final layer applied to each pixel's nearest kept token's backbone output,
+  keeping the entry for the pixel's place (r % P, c % P) in its patch; it is added to the scaffold's own
+  output (whose final layer starts at zero).
+
+With every patch kept once, the upcycled DC-DiT computes the DiT's function exactly; with DC-DiT's
+chunks it computes it on the kept tokens only. Training then moves away from it as the loss asks.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from dyncompute.layers import FinalLayer
+
+
+class DiTBridge(nn.Module):
+    def __init__(self, in_channels: int, hidden_size: int, out_channels: int, input_size: int, patch_size: int,
+                 cond_dim: int):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} is not divisible by the bridge's patch size {patch_size}")
+        P = self.patch_size = patch_size
+        self.x_embedder = nn.Conv2d(in_channels, hidden_size, P, stride=P)
+        self.final_layer = FinalLayer(hidden_size, P, out_channels, cond_dim)
+        self.encoder_gate = nn.Parameter(torch.zeros(hidden_size))
+        rows, cols = torch.meshgrid(torch.arange(input_size), torch.arange(input_size), indexing="ij")
+        self.register_buffer("place", ((rows % P) * P + cols % P).reshape(-1), persistent=False)  # (L,)
+
+    def embed(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) backbone input at every pixel: its patch's embedding + gate x encoder features ``h``."""
+        P = self.patch_size
+        e = self.x_embedder(x).repeat_interleave(P, dim=-2).repeat_interleave(P, dim=-1)  # (B, D, H, W)
+        return e.flatten(2).transpose(1, 2) + self.encoder_gate * h
+
+    def head(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """(B, L, C) prediction from each pixel's backbone state ``z`` (B, L, D): the DiT's output for the
+        pixel's place in its patch."""
+        out = self.final_layer(z, c)  # (B, L, P * P * C), DiT's (p q c) order
+        out = out.view(*out.shape[:2], self.patch_size ** 2, -1)
+        index = self.place.view(1, -1, 1, 1).expand(out.shape[0], -1, 1, out.shape[-1])
+        return out.gather(2, index).squeeze(2)
