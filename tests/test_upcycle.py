@@ -191,3 +191,15 @@ def test_bridged_upcycle_computes_the_dit_when_every_pixel_is_kept():
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     with pytest.raises(ConfigError, match="dit_bridge = 4"):
         upcycle(model, dit(hidden=32, patch=4))
+
+
+def test_bridge_prior_starts_the_router_on_the_dit_patch_grid():
+    model = DiffusionTransformer(**KW, hidden_size=32, tokenizer="dynamic_chunking",
+                                 tokenizer_kwargs={"enc_dec_factor": 4, "dit_bridge": 2})
+    model.eval()
+    with torch.no_grad():
+        _, info = model(torch.randn(2, 3, 8, 8), torch.tensor([5, 600]), torch.tensor([1, 3]), return_info=True)
+    first_pixels = torch.zeros(8, 8, dtype=torch.bool)
+    first_pixels[::2, ::2] = True
+    first_pixels[-1, -1] = True  # DC-DiT's rule: the last token is always a boundary
+    assert torch.equal(info.state.mask, first_pixels.flatten().expand(2, -1))

@@ -7,12 +7,14 @@ produce outputs that nothing around them understands. The bridge keeps the DiT's
 - ``x_embedder``: the DiT's patch embedding (a P x P, stride-P convolution), read at every pixel from its
   patch; a kept token at pixel (r, c) enters the backbone as that embedding plus ``encoder_gate`` (zero
   at the start) times the encoder's features, with the DiT's position code of patch (r // P, c // P);
+- ``place_logit``: a learnt boundary prior per place in the patch, added to the router's logit; it starts
+  at +-``PRIOR`` so that the router keeps the first pixel of every patch, the DiT's own tokens;
 - ``final_layer``: the DiT's final layer applied to each pixel's nearest kept token's backbone output,
   keeping the entry for the pixel's place (r % P, c % P) in its patch; it is added to the scaffold's own
   output (whose final layer starts at zero).
 
-With every patch kept once, the upcycled DC-DiT computes the DiT's function exactly; with DC-DiT's
-chunks it computes it on the kept tokens only. Training then moves away from it as the loss asks.
+With every patch kept once (as at the start) the upcycled DC-DiT computes the DiT's function; as the
+router moves away from the patch grid it computes it on the kept tokens; training moves on from there.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ import torch
 import torch.nn as nn
 
 from dyncompute.layers import FinalLayer
+
+PRIOR = 4.0  # sigmoid(4) = 0.98: the first pixel of each patch is a boundary, the others are not
 
 
 class DiTBridge(nn.Module):
@@ -32,14 +36,25 @@ class DiTBridge(nn.Module):
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, P, stride=P)
         self.final_layer = FinalLayer(hidden_size, P, out_channels, cond_dim)
         self.encoder_gate = nn.Parameter(torch.zeros(hidden_size))
+        self.place_logit = nn.Parameter(torch.empty(P * P))
+        self.reset_prior()
         rows, cols = torch.meshgrid(torch.arange(input_size), torch.arange(input_size), indexing="ij")
         self.register_buffer("place", ((rows % P) * P + cols % P).reshape(-1), persistent=False)  # (L,)
+
+    @torch.no_grad()
+    def reset_prior(self) -> None:
+        self.place_logit.fill_(-PRIOR)
+        self.place_logit[0] = PRIOR
 
     def embed(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """(B, L, D) backbone input at every pixel: its patch's embedding + gate x encoder features ``h``."""
         P = self.patch_size
         e = self.x_embedder(x).repeat_interleave(P, dim=-2).repeat_interleave(P, dim=-1)  # (B, D, H, W)
         return e.flatten(2).transpose(1, 2) + self.encoder_gate * h
+
+    def route(self, p: torch.Tensor) -> torch.Tensor:
+        """The router's boundary probabilities (B, L) with the per-place prior added to their logits."""
+        return torch.sigmoid(torch.logit(p, eps=1e-6) + self.place_logit[self.place])
 
     def head(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """(B, L, C) prediction from each pixel's backbone state ``z`` (B, L, D): the DiT's output for the

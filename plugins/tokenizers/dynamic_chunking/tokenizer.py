@@ -123,6 +123,7 @@ class DynamicChunking(Tokenizer):
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
             nn.init.zeros_(self.bridge.x_embedder.bias)
             self.bridge.final_layer.zero_init()
+            self.bridge.reset_prior()
 
     # ---- budgets -------------------------------------------------------------------------------
     def training_budgets(self) -> tuple[tuple[dict[str, float], ...], int]:
@@ -136,7 +137,8 @@ class DynamicChunking(Tokenizer):
         check_tail_drop(rho)
         grid = tuple(x.shape[-2:])
         h = self.encoder(self.stem(x), self.scaffold_condition(c))  # (B, L, D), RMS-normalised
-        p, mask_natural, confidence = boundary_rules(self.router(h, grid))
+        p = self.router(h, grid)
+        p, mask_natural, confidence = boundary_rules(p if self.bridge is None else self.bridge.route(p))
         mask = drop_tail(p, mask_natural, rho)
         residual = self.residual_proj(h.float())
         tokens = chunk(h if self.bridge is None else self.bridge.embed(x, h), mask, self.pos_embed, grid[1])
