@@ -203,3 +203,21 @@ def test_bridge_prior_starts_the_router_on_the_dit_patch_grid():
     first_pixels[::2, ::2] = True
     first_pixels[-1, -1] = True  # DC-DiT's rule: the last token is always a boundary
     assert torch.equal(info.state.mask, first_pixels.flatten().expand(2, -1))
+
+
+def test_prior_anneals_linearly_from_the_iteration_on_model_and_ema():
+    model = DiffusionTransformer(**KW, hidden_size=32, tokenizer="dynamic_chunking",
+                                 tokenizer_kwargs={"enc_dec_factor": 4, "dit_bridge": 2})
+    ema = DiffusionTransformer(**KW, hidden_size=32, tokenizer="dynamic_chunking",
+                               tokenizer_kwargs={"enc_dec_factor": 4, "dit_bridge": 2})
+    extension = Upcycling(source="unused", prior_steps=10)
+    trainer = Engine(lambda engine, batch: None)
+    extension.attach(trainer, model, ema, None)
+    trainer.run([0] * 6, max_epochs=1)  # the handler ran at the start of iteration 6: 1 - 5/10
+    for m in (model, ema):
+        assert float(m.tokenizer.bridge.prior_scale) == pytest.approx(0.5)
+    assert "tokenizer.bridge.prior_scale" in model.state_dict()  # a resumed or loaded run keeps its scale
+    trainer.run([0] * 20, max_epochs=2)
+    assert float(model.tokenizer.bridge.prior_scale) == 0.0
+    with pytest.raises(ConfigError, match="prior_steps"):
+        Upcycling(source="unused", prior_steps=-1)

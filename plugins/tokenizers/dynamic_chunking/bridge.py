@@ -7,8 +7,9 @@ produce outputs that nothing around them understands. The bridge keeps the DiT's
 - ``x_embedder``: the DiT's patch embedding (a P x P, stride-P convolution), read at every pixel from its
   patch; a kept token at pixel (r, c) enters the backbone as that embedding plus ``encoder_gate`` (zero
   at the start) times the encoder's features, with the DiT's position code of patch (r // P, c // P);
-- ``place_logit``: a learnt boundary prior per place in the patch, added to the router's logit; it starts
-  at +-``PRIOR`` so that the router keeps the first pixel of every patch, the DiT's own tokens;
+- ``place_prior``: a boundary prior per place in the patch, +-``PRIOR`` x ``prior_scale``, added to the
+  router's logit: at scale 1 the router keeps the first pixel of every patch (the DiT's own tokens);
+  upcycling can anneal the scale to 0 (``upcycling.prior_steps``) so that the router takes over;
 - ``final_layer``: the DiT's final layer applied to each pixel's nearest kept token's backbone output,
   keeping the entry for the pixel's place (r % P, c % P) in its patch; it is added to the scaffold's own
   output (whose final layer starts at zero).
@@ -36,15 +37,12 @@ class DiTBridge(nn.Module):
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, P, stride=P)
         self.final_layer = FinalLayer(hidden_size, P, out_channels, cond_dim)
         self.encoder_gate = nn.Parameter(torch.zeros(hidden_size))
-        self.place_logit = nn.Parameter(torch.empty(P * P))
-        self.reset_prior()
+        prior = torch.full((P * P,), -PRIOR)
+        prior[0] = PRIOR
+        self.register_buffer("place_prior", prior, persistent=False)
+        self.register_buffer("prior_scale", torch.ones(()))  # saved: a resumed or loaded run keeps its scale
         rows, cols = torch.meshgrid(torch.arange(input_size), torch.arange(input_size), indexing="ij")
         self.register_buffer("place", ((rows % P) * P + cols % P).reshape(-1), persistent=False)  # (L,)
-
-    @torch.no_grad()
-    def reset_prior(self) -> None:
-        self.place_logit.fill_(-PRIOR)
-        self.place_logit[0] = PRIOR
 
     def embed(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """(B, L, D) backbone input at every pixel: its patch's embedding + gate x encoder features ``h``."""
@@ -53,8 +51,8 @@ class DiTBridge(nn.Module):
         return e.flatten(2).transpose(1, 2) + self.encoder_gate * h
 
     def route(self, p: torch.Tensor) -> torch.Tensor:
-        """The router's boundary probabilities (B, L) with the per-place prior added to their logits."""
-        return torch.sigmoid(torch.logit(p, eps=1e-6) + self.place_logit[self.place])
+        """The router's boundary probabilities (B, L) with the scaled per-place prior added to their logits."""
+        return torch.sigmoid(torch.logit(p, eps=1e-6) + self.prior_scale * self.place_prior[self.place])
 
     def head(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """(B, L, C) prediction from each pixel's backbone state ``z`` (B, L, D): the DiT's output for the

@@ -123,7 +123,6 @@ class DynamicChunking(Tokenizer):
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
             nn.init.zeros_(self.bridge.x_embedder.bias)
             self.bridge.final_layer.zero_init()
-            self.bridge.reset_prior()
 
     # ---- budgets -------------------------------------------------------------------------------
     def training_budgets(self) -> tuple[tuple[dict[str, float], ...], int]:

@@ -22,6 +22,7 @@ import gin
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from ignite.engine import Events
 
 from dyncompute.errors import ConfigError
 from dyncompute.finetune import TrainingExtension
@@ -130,9 +131,12 @@ class Upcycling(TrainingExtension):
     """DC-DiT from a DiT ``source`` (a run directory of ours or an original DiT file)."""
 
     def __init__(self, source: str = gin.REQUIRED, distill_steps: int = 0, distill_weight: float = 1.0,
-                 block_lr_scale: float = 1.0):
+                 block_lr_scale: float = 1.0, prior_steps: int = 0):
         if not 0 < block_lr_scale <= 1:
             raise ConfigError(f"upcycling.block_lr_scale must lie in (0, 1], got {block_lr_scale!r}")
+        if isinstance(prior_steps, bool) or not isinstance(prior_steps, int) or prior_steps < 0:
+            raise ConfigError(f"upcycling.prior_steps must be an integer >= 0, got {prior_steps!r}")
+        self.prior_steps = prior_steps  # DiT bridge: anneal its patch-grid prior to 0 over these steps (0: keep it)
         self.source, self.distill_steps, self.distill_weight = source, distill_steps, distill_weight
         self.block_lr_scale = block_lr_scale
         self.distillation: BlockDistillation | None = None
@@ -156,3 +160,11 @@ class Upcycling(TrainingExtension):
     def attach(self, trainer, model, ema, run_dir) -> None:
         if self.distillation is not None:  # after the EMA copy is made: the copy needs no hooks
             self.distillation.watch(model)
+        if self.prior_steps and model.tokenizer.bridge is not None:
+            trainer.add_event_handler(Events.ITERATION_STARTED, self._anneal_prior, (model, ema))
+
+    def _anneal_prior(self, engine, models) -> None:
+        """Linear from 1 at the first step to 0 after ``prior_steps`` (set from the iteration: resumes exactly)."""
+        scale = max(0.0, 1.0 - (engine.state.iteration - 1) / self.prior_steps)
+        for m in models:
+            m.tokenizer.bridge.prior_scale.fill_(scale)
