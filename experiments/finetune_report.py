@@ -81,15 +81,42 @@ def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:
 
 # --------------------------------------------------------------------------- upcycling
 
-UPCYCLED = (  # run, distillation weight (0: none), learning-rate scale of the copied blocks
-    ("upcycled", 1.0, 0.1), ("upcycled_no_distill", 0.0, 0.1), ("upcycled_no_distill_block_lr1", 0.0, 1.0),
-    ("upcycled_block_lr1_distill_w0.1", 0.1, 1.0),
-)
+UPCYCLED = {  # run -> recipe: distillation weight (0: none), copied blocks' lr scale, position code scale,
+    # DiT bridge (bridge.py; 0: none) and the steps its patch-grid prior anneals over (0: kept), figure label
+    "upcycled": (1.0, 0.1, 1.0, 0, 0, "paper recipe: + distillation, blocks at 0.1 lr"),
+    "upcycled_no_distill": (0.0, 0.1, 1.0, 0, 0, "paper recipe: no distillation, blocks at 0.1 lr"),
+    "upcycled_no_distill_block_lr1": (0.0, 1.0, 1.0, 0, 0, "paper recipe: no distillation, blocks at full lr"),
+    "upcycled_block_lr1_distill_w0.1": (0.1, 1.0, 1.0, 0, 0, "paper recipe: + distillation x0.1, blocks at full lr"),
+    "upcycled_pos": (1.0, 0.1, 0.5, 0, 0, "+ DiT position code: + distillation, blocks at 0.1 lr"),
+    "upcycled_pos_no_distill": (0.0, 1.0, 0.5, 0, 0, "+ DiT position code: no distillation, full lr"),
+    "upcycled_bridge": (0.0, 1.0, 1.0, 2, 0, "DiT bridge, patch-grid prior kept"),
+    "upcycled_bridge_anneal": (0.0, 1.0, 1.0, 2, 100, "DiT bridge, prior annealed over 100 steps"),
+    "upcycled_bridge_anneal_distill": (1.0, 1.0, 1.0, 2, 100, "DiT bridge, prior annealed + distillation"),
+}
+
+
+def kept_fractions(run: Path) -> dict[str, float]:
+    """The router's kept fraction at the last evaluation, at the lowest and highest evaluated timestep."""
+    metrics = pd.read_csv(run / METRICS_FILE)
+    cols = [c for c in metrics if c.startswith("kept_fraction_t")]
+    if not cols:
+        return {}
+    last = metrics.dropna(subset=cols).iloc[-1]
+    lo, hi = min(cols, key=lambda c: int(c[15:])), max(cols, key=lambda c: int(c[15:]))
+    return {"kept_fraction_low_t": float(last[lo]), "kept_fraction_high_t": float(last[hi])}
 
 
 def _first_below(curve: pd.DataFrame, loss: float) -> float:
     reached = curve[curve.heldout_loss <= loss]
     return float(reached.step.iloc[0]) if len(reached) else float("nan")
+
+
+def _stays_below(curve: pd.DataFrame, loss: float) -> float:
+    """The first evaluation from which the curve stays at or below ``loss`` to its end (a run that dips
+    below and comes back up has not reached it)."""
+    above = curve[curve.heldout_loss > loss]
+    after = curve if not len(above) else curve[curve.step > above.step.iloc[-1]]
+    return float(after.step.iloc[0]) if len(after) else float("nan")
 
 
 def _at(curve: pd.DataFrame, step: float) -> float:
@@ -99,16 +126,17 @@ def _at(curve: pd.DataFrame, step: float) -> float:
 
 def upcycling_results(root: Path) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """Per upcycled run: steps to reach the from-scratch DC-DiT's final held-out loss, / its steps."""
-    names = ["dit", "dcdit_scratch", *(n for n, _, _ in UPCYCLED)]
+    names = ["dit", "dcdit_scratch", *UPCYCLED]
     curves = {n: heldout_curve(root / UP / n) for n in names}
     scratch = curves["dcdit_scratch"]
     scratch_steps, bar = int(scratch.step.iloc[-1]), float(scratch.heldout_loss.iloc[-1])
     rows = []
-    for name, distill, block_lr in UPCYCLED:
+    for name, (distill, block_lr, pos_scale, bridge, prior_steps, _) in UPCYCLED.items():
         c = curves[name]
-        steps = _first_below(c, bar)
+        steps = _stays_below(c, bar)
         rows.append({
-            "run": name, "distillation_weight": distill, "block_lr_scale": block_lr, "scratch_steps": scratch_steps,
+            "run": name, "distillation_weight": distill, "block_lr_scale": block_lr, "pos_scale": pos_scale,
+            "dit_bridge": bridge, "prior_steps": prior_steps, "scratch_steps": scratch_steps,
             "scratch_final_heldout_loss": bar, "upcycled_steps_trained": int(c.step.iloc[-1]),
             "steps_to_reach_scratch_final": steps, "steps_ratio": steps / scratch_steps,
             "upcycled_heldout_loss_at_quarter": _at(c, scratch_steps / 4),
@@ -117,40 +145,51 @@ def upcycling_results(root: Path) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]
             "scratch_steps_to_reach_upcycled_final": _first_below(scratch, float(c.heldout_loss.iloc[-1])),
             "dit_source_steps": int(curves["dit"].step.iloc[-1]),
             "dit_source_final_heldout_loss": float(curves["dit"].heldout_loss.iloc[-1]),
+            **kept_fractions(root / UP / name),
         })
     return pd.DataFrame(rows), curves
 
 
 def upcycling_figure(curves: dict[str, pd.DataFrame], results: pd.DataFrame, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    labels = {"dcdit_scratch": "DC-DiT N=4 from scratch",
-              "upcycled": "upcycled + distillation (blocks at 0.1 lr)",
-              "upcycled_no_distill": "upcycled, no distillation (blocks at 0.1 lr)",
-              "upcycled_no_distill_block_lr1": "upcycled, no distillation (blocks at full lr)",
-              "upcycled_block_lr1_distill_w0.1": "upcycled + distillation x0.1 (blocks at full lr)",
-              "dit": "DiT/2 from scratch (the upcycling source)"}
-    for name, label in labels.items():
-        c = curves[name]
-        style = dict(color="gray", lw=1, alpha=0.6) if name == "dit" else dict(marker=".", ms=4)
-        ax.plot(c.step, c.heldout_loss, label=label, **style)
+    """Two panels over the same references: the paper's recipe (with and without the DiT's position code)
+    and the DiT bridge (this project's extension)."""
+    panels = (("The paper's recipe (blocks + embedders copied)", [n for n in UPCYCLED if "bridge" not in n]),
+              ("With the DiT bridge (this project's extension)", [n for n in UPCYCLED if "bridge" in n]))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
     bar, steps = results.scratch_final_heldout_loss.iloc[0], results.scratch_steps.iloc[0]
-    ax.axhline(bar, color="black", ls="--", lw=1, label=f"from-scratch DC-DiT final ({steps} steps)")
-    ax.axvline(steps / 4, color="black", ls=":", lw=1, label="1/4 of the from-scratch steps")
-    ax.set_yscale("log")
-    ax.set_xlim(0, max(int(c.step.max()) for c in curves.values()) * 1.03)
-    _finish(fig, ax, path, "training steps of the run (upcycled runs: steps after upcycling)",
-            "held-out denoising loss (ε MSE, mean over timesteps; log)", "Upcycling DC-DiT from DiT (EMA weights)")
+    for ax, (title, names) in zip(axes, panels):
+        ax.plot(curves["dit"].step, curves["dit"].heldout_loss, color="gray", lw=1, alpha=0.6,
+                label="DiT/2 from scratch (the upcycling source)")
+        ax.plot(curves["dcdit_scratch"].step, curves["dcdit_scratch"].heldout_loss, color="black", marker=".",
+                ms=4, label="DC-DiT N=4 from scratch")
+        for name in names:
+            ax.plot(curves[name].step, curves[name].heldout_loss, marker=".", ms=4, label=UPCYCLED[name][-1])
+        ax.axhline(bar, color="black", ls="--", lw=1, label=f"from-scratch DC-DiT final ({steps} steps)")
+        ax.axvline(steps / 4, color="black", ls=":", lw=1, label="1/4 of the from-scratch steps")
+        ax.set_yscale("log")
+        ax.set_xlim(0, max(int(c.step.max()) for c in curves.values()) * 1.03)
+        ax.set_xlabel("training steps of the run (upcycled runs: steps after upcycling)")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("held-out denoising loss (ε MSE, mean over timesteps; log)")
+    fig.suptitle("Upcycling DC-DiT from DiT (EMA weights)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def upcycling_outcome(results: pd.DataFrame) -> str:
-    lines = ["Outcome (claim: the from-scratch final loss in <= 1/4 of its steps):"]
+    lines = ["Outcome (claim: the from-scratch final loss in <= 1/4 of its steps, and staying there):"]
     for _, r in results.iterrows():
+        static = all(abs(r.get(k, 0) - 0.25) < 0.01 for k in ("kept_fraction_low_t", "kept_fraction_high_t"))
         if pd.notna(r.steps_ratio):
             verdict = "met" if r.steps_ratio <= 0.25 else "not met"
-            lines.append(f"- `{r.run}`: reached it after {r.steps_to_reach_scratch_final:.0f} steps, "
-                         f"steps_ratio {r.steps_ratio:.3f}: {verdict}.")
+            note = (" But its router stayed on the DiT's patch grid (0.25 of the pixels kept at every t): it is a "
+                    "static patchify with DC-DiT's scaffold around it, not yet dynamic chunking.") if static else ""
+            lines.append(f"- `{r.run}`: below it from step {r.steps_to_reach_scratch_final:.0f} on, "
+                         f"steps_ratio {r.steps_ratio:.3f}: {verdict}.{note}")
         else:
-            lines.append(f"- `{r.run}`: not reached within {r.upcycled_steps_trained} steps "
+            lines.append(f"- `{r.run}`: not below it at the end of its {r.upcycled_steps_trained} steps "
                          f"({r.upcycled_steps_trained / r.scratch_steps:.2f} of the from-scratch steps): not met; "
                          f"its final loss {r.upcycled_final_heldout_loss:.4f} is what the from-scratch run reached "
                          f"after {r.scratch_steps_to_reach_upcycled_final:.0f} steps.")
@@ -164,30 +203,51 @@ def upcycling_report(root: Path, out: Path) -> pd.DataFrame:
     long = pd.concat([c.assign(run=n) for n, c in curves.items()], ignore_index=True)
     _csv(long[["run", "step", "heldout_loss"]], out / "curves.csv")
     upcycling_figure(curves, results, out / "heldout_loss.png")
-    cols = ["run", "steps_to_reach_scratch_final", "scratch_steps", "steps_ratio", "upcycled_heldout_loss_at_quarter",
-            "scratch_heldout_loss_at_quarter", "scratch_final_heldout_loss", "upcycled_final_heldout_loss"]
+    cols = ["run", "steps_to_reach_scratch_final", "steps_ratio", "upcycled_heldout_loss_at_quarter",
+            "scratch_heldout_loss_at_quarter", "upcycled_final_heldout_loss", "kept_fraction_low_t",
+            "kept_fraction_high_t"]
+    recipe = ["run", "distillation_weight", "block_lr_scale", "pos_scale", "dit_bridge", "prior_steps"]
     dit_steps, scratch_steps = int(results.dit_source_steps.iloc[0]), int(results.scratch_steps.iloc[0])
+    bar = float(results.scratch_final_heldout_loss.iloc[0])
+    scratch_kept = kept_fractions(root / UP / "dcdit_scratch")
     upcycled_steps = int(results.upcycled_steps_trained.max())
+    jobs = " \\\n    ".join(UPCYCLED)
     atomic_write_text(f"""# Upcycling DC-DiT from DiT on the built-in data
 
 Tiny quickstart-size models on this project's procedural data (32x32x3, 10 classes; width 64, depth 4,
 4 heads), batch 32, lr 1e-3 (30 warm-up steps; upcycled runs 10), EMA 0.95, one process with
-OMP_NUM_THREADS=1 on a shared 2-core CPU, one seed per run. The DiT/2 source trained
-{dit_steps} steps; the DC-DiT N = 4 from scratch {scratch_steps} steps; the upcycled
-DC-DiTs (backbone blocks and t/y embedders copied from the DiT's EMA weights, embedders frozen, a
-LayerNorm adaptor on the scaffold's conditioning, the rest of the scaffold freshly initialised) up to
-{upcycled_steps} steps: with a 100-step distillation warm-up (block-output MSE against the frozen DiT
-at matching grid positions, weight 1, added to the diffusion loss) and the copied blocks at 0.1 x lr;
-without distillation at 0.1 x lr; without distillation at the full lr; with the distillation at weight
-0.1 and the blocks at the full lr.
+OMP_NUM_THREADS=1 on a 2-core CPU, one seed per run. The DiT/2 source trained {dit_steps} steps; the DC-DiT
+N = 4 from scratch {scratch_steps} steps (final held-out loss {bar:.4f}); every upcycled DC-DiT up to
+{upcycled_steps} steps from the DiT's EMA weights.
+
+The recipes (`results.csv` has them per run):
+- **The paper's** (`upcycle.gin`): backbone blocks and t/y embedders copied, embedders frozen, a
+  LayerNorm adaptor on the scaffold's conditioning, the rest of the scaffold freshly initialised; with
+  or without a 100-step distillation warm-up (block-output MSE against the frozen DiT at matching grid
+  positions, added to the diffusion loss), the copied blocks at 0.1 x or the full lr.
+- **+ the DiT's position code** (`pos_scale` 0.5): a kept token at pixel (r, c) carries the code the
+  DiT gave patch (r/2, c/2) instead of the from-scratch DC-DiT's per-pixel code.
+- **The DiT bridge** (this project's extension, `upcycle_bridge.gin`,
+  `plugins/tokenizers/dynamic_chunking/bridge.py`): the DiT's patch embedding and final layer are kept
+  beside the new scaffold, and a patch-grid prior on the router's logits (+-4) makes it keep the first
+  pixel of every patch, so that the upcycled DC-DiT starts out computing the DiT; the prior is kept, or
+  annealed to 0 over the first 100 steps (`upcycling.prior_steps`) so that the router takes over.
 
 Quality: held-out denoising loss = mean over the timesteps 0, 20, 50, 100, 250, 500, 750, 999 of the
 ε-prediction MSE of the EMA model on 64 held-out images (a seed training never uses, fixed noise;
-`train.eval_every`, `dyncompute.evaluation.heldout`). `steps_ratio` = steps the upcycled run needs to
-first reach the from-scratch run's final held-out loss / the from-scratch run's steps (empty: not
-reached within the steps trained).
+`train.eval_every`, `dyncompute.evaluation.heldout`). `steps_ratio` = the step from which the upcycled
+run stays at or below the from-scratch run's final held-out loss / the from-scratch run's steps (empty:
+not below it at the end; the first evaluation is at step 25). `kept_fraction_low_t` /
+`_high_t`: the router's kept fraction of pixels at t = 0 and t = 999 at the last evaluation (the
+from-scratch DC-DiT: {scratch_kept.get("kept_fraction_low_t", float("nan")):.3f} /
+{scratch_kept.get("kept_fraction_high_t", float("nan")):.3f}; a router that stays on the patch grid keeps
+0.25 at every t, i.e. it is a static patchify).
 
 {_table(results, cols)}
+
+Recipes:
+
+{_table(results, recipe)}
 
 {upcycling_outcome(results)}
 
@@ -197,16 +257,12 @@ How the numbers were made and what they say: `NOTES.md`. Files: `results.csv`, `
 evaluation of every run). Commands (from the repository root):
 
 ```
-python experiments/finetune_study.py train --only dit dcdit_scratch upcycled upcycled_no_distill \\
-    upcycled_no_distill_block_lr1 upcycled_block_lr1_distill_w0.1 --jobs 2
+python experiments/finetune_study.py train --only dit dcdit_scratch \\
+    {jobs} --jobs 2
 python experiments/finetune_study.py report
 ```
 
-which run `dyncompute train experiments/upcycling/dit.gin --run-dir runs/upcycling/dit`,
-`dyncompute train experiments/upcycling/dcdit_scratch.gin --run-dir runs/upcycling/dcdit_scratch`,
-`dyncompute upcycle runs/upcycling/dit experiments/upcycling/upcycle.gin --run-dir runs/upcycling/upcycled`,
-the same with `upcycle_no_distill.gin`, with `-b "upcycling.block_lr_scale = 1.0"`, and `upcycle.gin` with
-`-b "upcycling.block_lr_scale = 1.0" -b "upcycling.distill_weight = 0.1"`.
+(each job's `dyncompute train` / `dyncompute upcycle` command line is in `experiments/finetune_study.py`).
 """, out / "report.md")
     return results
 
