@@ -10,7 +10,8 @@ produce outputs that nothing around them understands. The bridge keeps the DiT's
 - ``place_prior``: a boundary prior per place in the patch, +-``PRIOR`` x ``prior_scale``, added to the
   router's logit: at scale 1 the router keeps the first pixel of every patch (the DiT's own tokens);
   upcycling can anneal the scale to 0 (``upcycling.prior_steps``) so that the router takes over;
-- ``final_layer``: the DiT's final layer applied to each pixel's nearest kept token's backbone output,
+- ``final_layer``: the DiT's final layer applied to each pixel's nearest kept token's backbone output
+  (times DC-DiT's straight-through confidence gate, so that the router learns from this path too),
   keeping the entry for the pixel's place (r % P, c % P) in its patch; it is added to the scaffold's own
   output (whose final layer starts at zero).
 

@@ -146,12 +146,13 @@ class DynamicChunking(Tokenizer):
     def to_grid(self, tokens: Tokens, state: ChunkState, c: torch.Tensor) -> torch.Tensor:
         """De-chunk: RMSNorm, smooth and plug back onto every pixel, gate by STE(confidence), add the
         residual projection of the encoder output; (B, H*W, D)."""
-        if self.bridge is not None:  # the DiT's final layer reads each pixel's nearest kept token as it is
-            state.bridge = self.bridge.head(gather_rows(pad_packed(tokens.x, tokens)[0],
-                                                         nearest_kept(state.mask, state.grid[1])), c)
+        gate = STE.apply(state.confidence)[..., None]  # forward 1; the router's gradient from the loss
+        if self.bridge is not None:  # the DiT's final layer reads each pixel's nearest kept token, gated alike
+            z_pixel = gather_rows(pad_packed(tokens.x, tokens)[0], nearest_kept(state.mask, state.grid[1]))
+            state.bridge = self.bridge.head(z_pixel * gate, c)
         z = self.backbone_norm(tokens.x)
         h = self.dechunker(z, tokens, state.p, state.mask, state.grid)
-        return (h * STE.apply(state.confidence)[..., None] + state.residual).to(z.dtype)
+        return (h * gate + state.residual).to(z.dtype)
 
     def scaffold_condition(self, c: torch.Tensor) -> torch.Tensor:
         """The conditioning the encoder, decoder and final layer see (through the adaptor when there is one)."""
