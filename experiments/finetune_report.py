@@ -91,6 +91,7 @@ UPCYCLED = {  # run -> recipe: distillation weight (0: none), copied blocks' lr 
     "upcycled_pos_no_distill": (0.0, 1.0, 0.5, 0, 0, "+ DiT position code: no distillation, full lr"),
     "upcycled_bridge": (0.0, 1.0, 1.0, 2, 0, "DiT bridge, patch-grid prior kept"),
     "upcycled_bridge_anneal": (0.0, 1.0, 1.0, 2, 100, "DiT bridge, prior annealed over 100 steps"),
+    "upcycled_bridge_anneal150": (0.0, 1.0, 1.0, 2, 150, "DiT bridge, prior annealed over 150 steps"),
     "upcycled_bridge_anneal_distill": (1.0, 1.0, 1.0, 2, 100, "DiT bridge, prior annealed + distillation"),
 }
 

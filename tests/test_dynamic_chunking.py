@@ -88,7 +88,7 @@ def test_all_boundaries_chunk_dechunk_is_exact():
         c = model.condition(t, y)
         tokens, state = tok.encode(x, c)
         assert state.mask.all() and tokens.uniform
-        h = tok.encoder(tok.stem(x), c)
+        h = tok.encoder(tok.stem(x.contiguous(memory_format=torch.channels_last)), c)  # as encode runs it
         assert torch.equal(tokens.batched(), h + tok.pos_embed)
         from dyncompute.layers import grid_positions
         assert torch.equal(tokens.pos, grid_positions(8).repeat(3, 1))
