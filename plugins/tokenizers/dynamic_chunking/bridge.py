@@ -8,8 +8,10 @@ produce outputs that nothing around them understands. The bridge keeps the DiT's
   patch; a kept token at pixel (r, c) enters the backbone as that embedding plus ``encoder_gate`` (zero
   at the start) times the encoder's features, with the DiT's position code of patch (r // P, c // P);
 - ``place_prior``: a boundary prior per place in the patch, +-``PRIOR`` x ``prior_scale``, added to the
-  router's logit: at scale 1 the router keeps the first pixel of every patch (the DiT's own tokens);
-  upcycling can anneal the scale to 0 (``upcycling.prior_steps``) so that the router takes over;
+  router's logit for the keep decisions only: at scale 1 the first pixel of every patch is kept (the
+  DiT's own tokens), while the router's own probabilities, unsaturated, still carry its gradients
+  (confidence, ratio loss); upcycling can anneal the scale to 0 (``upcycling.prior_steps``) so that the
+  router, trained all along, takes over;
 - ``final_layer``: the DiT's final layer applied to each pixel's nearest kept token's backbone output
   (times DC-DiT's straight-through confidence gate, so that the router learns from this path too),
   keeping the entry for the pixel's place (r % P, c % P) in its patch; it is added to the scaffold's own
@@ -52,7 +54,8 @@ class DiTBridge(nn.Module):
         return e.flatten(2).transpose(1, 2) + self.encoder_gate * h
 
     def route(self, p: torch.Tensor) -> torch.Tensor:
-        """The router's boundary probabilities (B, L) with the scaled per-place prior added to their logits."""
+        """Boundary probabilities (B, L) for the keep decisions: the router's with the scaled per-place prior
+        added to their logits."""
         return torch.sigmoid(torch.logit(p, eps=1e-6) + self.prior_scale * self.place_prior[self.place])
 
     def head(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

@@ -138,8 +138,10 @@ class DynamicChunking(Tokenizer):
         # channels-last activations: oneDNN runs these 3x3 convolutions ~1.8x faster than on NCHW, and the
         # encoder's (B, D, H, W) -> (B, H*W, D) tokens become a view
         h = self.encoder(self.stem(x.contiguous(memory_format=torch.channels_last)), self.scaffold_condition(c))
-        p = self.router(h, grid)
-        p, mask_natural, confidence = boundary_rules(p if self.bridge is None else self.bridge.route(p))
+        p, mask_natural, confidence = boundary_rules(self.router(h, grid))
+        if self.bridge is not None:  # the prior decides; p and the confidence (the router's gradients) stay
+            _, mask_natural, _ = boundary_rules(self.bridge.route(p))  # the router's own, unsaturated
+            confidence = torch.where(mask_natural, p, 1 - p)
         mask = drop_tail(p, mask_natural, rho)
         residual = self.residual_proj(h.float())
         tokens = chunk(h if self.bridge is None else self.bridge.embed(x, h), mask, self.pos_embed, grid[1])
