@@ -221,3 +221,15 @@ def test_prior_anneals_linearly_from_the_iteration_on_model_and_ema():
     assert float(model.tokenizer.bridge.prior_scale) == 0.0
     with pytest.raises(ConfigError, match="prior_steps"):
         Upcycling(source="unused", prior_steps=-1)
+
+
+def test_bridge_start_all_keeps_every_pixel_and_bad_starts_are_named():
+    model = DiffusionTransformer(**KW, hidden_size=32, tokenizer="dynamic_chunking",
+                                 tokenizer_kwargs={"enc_dec_factor": 4, "dit_bridge": 2, "bridge_start": "all"})
+    model.eval()
+    with torch.no_grad():
+        _, info = model(torch.randn(2, 3, 8, 8), torch.tensor([5, 600]), torch.tensor([1, 3]), return_info=True)
+    assert bool(info.state.mask.all())
+    with pytest.raises(ConfigError, match="bridge_start"):
+        DiffusionTransformer(**KW, hidden_size=32, tokenizer="dynamic_chunking",
+                             tokenizer_kwargs={"dit_bridge": 2, "bridge_start": "corners"})

@@ -9,9 +9,10 @@ produce outputs that nothing around them understands. The bridge keeps the DiT's
   at the start) times the encoder's features, with the DiT's position code of patch (r // P, c // P);
 - ``place_prior``: a boundary prior per place in the patch, +-``PRIOR`` x ``prior_scale``, added to the
   router's logit for the keep decisions only: at scale 1 the first pixel of every patch is kept (the
-  DiT's own tokens), while the router's own probabilities, unsaturated, still carry its gradients
-  (confidence, ratio loss); upcycling can anneal the scale to 0 (``upcycling.prior_steps``) so that the
-  router, trained all along, takes over;
+  DiT's own tokens; ``start="all"``: every pixel, each patch's token once per pixel, which attention
+  sees as the DiT's tokens, at 4x the backbone's work), while the router's own probabilities,
+  unsaturated, still carry its gradients (confidence, ratio loss); upcycling can anneal the scale to 0
+  (``upcycling.prior_steps``) so that the router, trained all along, takes over;
 - ``final_layer``: the DiT's final layer applied to each pixel's nearest kept token's backbone output
   (times DC-DiT's straight-through confidence gate, so that the router learns from this path too),
   keeping the entry for the pixel's place (r % P, c % P) in its patch; it is added to the scaffold's own
@@ -25,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from dyncompute.errors import ConfigError
 from dyncompute.layers import FinalLayer
 
 PRIOR = 4.0  # sigmoid(4) = 0.98: the first pixel of each patch is a boundary, the others are not
@@ -32,7 +34,7 @@ PRIOR = 4.0  # sigmoid(4) = 0.98: the first pixel of each patch is a boundary, t
 
 class DiTBridge(nn.Module):
     def __init__(self, in_channels: int, hidden_size: int, out_channels: int, input_size: int, patch_size: int,
-                 cond_dim: int):
+                 cond_dim: int, start: str = "grid"):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by the bridge's patch size {patch_size}")
@@ -40,7 +42,9 @@ class DiTBridge(nn.Module):
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, P, stride=P)
         self.final_layer = FinalLayer(hidden_size, P, out_channels, cond_dim)
         self.encoder_gate = nn.Parameter(torch.zeros(hidden_size))
-        prior = torch.full((P * P,), -PRIOR)
+        if start not in ("grid", "all"):
+            raise ConfigError(f"tokenizers.dynamic_chunking.bridge_start must be 'grid' or 'all', got {start!r}")
+        prior = torch.full((P * P,), -PRIOR if start == "grid" else PRIOR)  # "all": every pixel kept
         prior[0] = PRIOR
         self.register_buffer("place_prior", prior, persistent=False)
         self.register_buffer("prior_scale", torch.ones(()))  # saved: a resumed or loaded run keeps its scale

@@ -64,7 +64,7 @@ class DynamicChunking(Tokenizer):
                  enc_dec_factor: int = 4, encoder_depth: int = 2, decoder_depth: int = 2,
                  dechunk_sigma: float = 1.0, tail_drop: float = 0.0,
                  budget_set: Sequence[float] = (), budget_warmup_steps: int = 0, cond_adaptor: bool = False,
-                 pos_scale: float = 1.0, dit_bridge: int = 0):
+                 pos_scale: float = 1.0, dit_bridge: int = 0, bridge_start: str = "grid"):
         super().__init__()
         check_target_ratio(target_ratio)
         for rho in (tail_drop, *budget_set):
@@ -98,7 +98,7 @@ class DynamicChunking(Tokenizer):
             if pos_scale != 1:
                 raise ConfigError("tokenizers.dynamic_chunking.dit_bridge codes positions by patch: "
                                   "leave pos_scale at 1")
-            self.bridge = DiTBridge(in_channels, D, out_channels, input_size, dit_bridge, cond_dim)
+            self.bridge = DiTBridge(in_channels, D, out_channels, input_size, dit_bridge, cond_dim, bridge_start)
             positions = grid_positions(input_size) // dit_bridge
         self.register_buffer("pos_embed", sincos_2d(D, positions), persistent=False)
         # Upcycling from a DiT: a trainable LayerNorm between the (frozen, DiT-scaled) conditioning vector
