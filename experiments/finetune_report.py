@@ -93,6 +93,7 @@ UPCYCLED = {  # run -> recipe: distillation weight (0: none), copied blocks' lr 
     "upcycled_bridge_anneal": (0.0, 1.0, 1.0, 2, 100, "DiT bridge, prior annealed over 100 steps"),
     "upcycled_bridge_anneal150": (0.0, 1.0, 1.0, 2, 150, "DiT bridge, prior annealed over 150 steps"),
     "upcycled_bridge_anneal_distill": (1.0, 1.0, 1.0, 2, 100, "DiT bridge, prior annealed + distillation"),
+    "upcycled_bridge_all_anneal": (0.0, 1.0, 1.0, 2, 100, "DiT bridge from every pixel kept, prior annealed"),
 }
 
 
@@ -137,7 +138,8 @@ def upcycling_results(root: Path) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]
         steps = _stays_below(c, bar)
         rows.append({
             "run": name, "distillation_weight": distill, "block_lr_scale": block_lr, "pos_scale": pos_scale,
-            "dit_bridge": bridge, "prior_steps": prior_steps, "scratch_steps": scratch_steps,
+            "dit_bridge": bridge, "bridge_start": ("all" if "bridge_all" in name else "grid") if bridge else "",
+            "prior_steps": prior_steps, "scratch_steps": scratch_steps,
             "scratch_final_heldout_loss": bar, "upcycled_steps_trained": int(c.step.iloc[-1]),
             "steps_to_reach_scratch_final": steps, "steps_ratio": steps / scratch_steps,
             "upcycled_heldout_loss_at_quarter": _at(c, scratch_steps / 4),
@@ -207,7 +209,7 @@ def upcycling_report(root: Path, out: Path) -> pd.DataFrame:
     cols = ["run", "steps_to_reach_scratch_final", "steps_ratio", "upcycled_heldout_loss_at_quarter",
             "scratch_heldout_loss_at_quarter", "upcycled_final_heldout_loss", "kept_fraction_low_t",
             "kept_fraction_high_t"]
-    recipe = ["run", "distillation_weight", "block_lr_scale", "pos_scale", "dit_bridge", "prior_steps"]
+    recipe = ["run", "distillation_weight", "block_lr_scale", "pos_scale", "dit_bridge", "bridge_start", "prior_steps"]
     dit_steps, scratch_steps = int(results.dit_source_steps.iloc[0]), int(results.scratch_steps.iloc[0])
     bar = float(results.scratch_final_heldout_loss.iloc[0])
     scratch_kept = kept_fractions(root / UP / "dcdit_scratch")
