@@ -233,6 +233,18 @@ def test_bench_case_args_are_checked(capsys):
     assert "KEY=VALUE" in capsys.readouterr().err
 
 
+def test_dcdit_bench_cases_build_and_label_their_kept_fraction():
+    """Building a case runs the models once (router calibration, kept fraction, MAC count): a stale field
+    name there broke `dyncompute bench dcdit_vs_dit` unnoticed."""
+    from dyncompute.bench import CASES
+    from dyncompute.registry import load_plugins
+
+    load_plugins()  # the DC-DiT plugin registers its cases on import
+    for name in ("dcdit_vs_dit", "dcdit_vs_dit_train"):
+        (pair,) = CASES[name](batch=1)
+        assert "kept 0." in pair.subject.label and pair.subject.macs > pair.reference.macs > 0
+
+
 def test_allocator_tuning_applies_on_glibc_and_can_be_switched_off(monkeypatch):
     import platform
 

@@ -96,7 +96,7 @@ def dcdit_model(N: float = 4.0, batch: int = BATCH, compile: bool = False) -> Di
 
 def kept(model, x, t, y) -> float:
     with torch.no_grad():
-        return model(x, t, y, return_info=True)[1].mask.float().mean().item()
+        return model(x, t, y, return_info=True)[1].state.mask.float().mean().item()
 
 
 @register_case("dcdit_vs_dit")
