@@ -51,6 +51,13 @@ class DiTBridge(nn.Module):
         rows, cols = torch.meshgrid(torch.arange(input_size), torch.arange(input_size), indexing="ij")
         self.register_buffer("place", ((rows % P) * P + cols % P).reshape(-1), persistent=False)  # (L,)
 
+    def initialize_weights(self) -> None:
+        """As a DiT's own ends start (upcycling then copies the DiT's)."""
+        w = self.x_embedder.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        self.final_layer.zero_init()
+
     def embed(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """(B, L, D) backbone input at every pixel: its patch's embedding + gate x encoder features ``h``."""
         P = self.patch_size

@@ -46,7 +46,7 @@ class GaussianNearest(Dechunker):
         w = torch.exp(-d2 / (2 * self.sigma ** 2)) * pk[:, None] * (valid[:, :, None] & valid[:, None])
         smoothed = torch.bmm(w / (w.sum(-1, keepdim=True) + 1e-8), zp)
         out = pk[..., None] * zp + (1 - pk[..., None]) * smoothed
-        return gather_rows(out, nearest_kept(mask, grid[1]))
+        return _gather_rows(out, nearest_kept(mask, grid[1]))
 
 
 @DECHUNKERS.register("ema_raster")
@@ -60,7 +60,7 @@ class EmaRaster(Dechunker):
         M = zp.shape[1]
         causal = torch.ones(M, M, dtype=torch.bool, device=z.device).tril()
         w = torch.exp((decay[:, :, None] - decay[:, None]).masked_fill(~causal, float("-inf"))) * pk[:, None]
-        return gather_rows(torch.bmm(w, zp), previous_kept(mask))
+        return _gather_rows(torch.bmm(w, zp), previous_kept(mask))
 
 
 @DECHUNKERS.register("nearest")
@@ -68,9 +68,13 @@ class Nearest(Dechunker):
     """The smoothing ablation: ``gaussian_nearest`` without the confidence-weighted smoothing."""
 
     def forward(self, z, tokens: Tokens, p, mask, grid):
-        zp, _ = pad_packed(z.float(), tokens)
-        return gather_rows(zp, nearest_kept(mask, grid[1]))
+        return nearest_plug_back(z.float(), tokens, mask, grid[1])
 
 
-def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def nearest_plug_back(z: torch.Tensor, tokens: Tokens, mask: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, L, D): every pixel takes its nearest kept token's row of the packed ``z`` (T, D), as it is."""
+    return _gather_rows(pad_packed(z, tokens)[0], nearest_kept(mask, width))
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))

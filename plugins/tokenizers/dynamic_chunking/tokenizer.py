@@ -16,8 +16,8 @@ from dyncompute.tokenizer import Tokenizer
 from dyncompute.tokens import Tokens
 
 from .bridge import DiTBridge
-from .chunking import STE, boundary_rules, check_tail_drop, chunk, drop_tail, nearest_kept, pad_packed
-from .dechunk import DECHUNKERS, gather_rows
+from .chunking import STE, boundary_rules, check_tail_drop, chunk, drop_tail
+from .dechunk import DECHUNKERS, nearest_plug_back
 from .encoder import ConvStack
 from .losses import check_target_ratio, ratio_loss
 from .routers import ROUTERS
@@ -90,7 +90,6 @@ class DynamicChunking(Tokenizer):
         # Sin-cos code of each pixel's (row, col) x pos_scale: 1 is the official DC-DiT's; an upcycled DC-DiT
         # uses 1 / P of its DiT/P, so that a token at pixel (r, c) gets the code the DiT gave patch (r/P, c/P).
         self.pos_scale = float(pos_scale)
-        positions = grid_positions(input_size) * self.pos_scale
         # Upcycling's function-preserving start (bridge.py): a DiT/P's patch embedding and final layer
         # beside the scaffold, tokens coded with the DiT's position of their patch. 0: none (the paper's).
         self.bridge = None
@@ -99,7 +98,7 @@ class DynamicChunking(Tokenizer):
                 raise ConfigError("tokenizers.dynamic_chunking.dit_bridge codes positions by patch: "
                                   "leave pos_scale at 1")
             self.bridge = DiTBridge(in_channels, D, out_channels, input_size, dit_bridge, cond_dim, bridge_start)
-            positions = grid_positions(input_size) // dit_bridge
+        positions = grid_positions(input_size) // dit_bridge if dit_bridge else grid_positions(input_size) * pos_scale
         self.register_buffer("pos_embed", sincos_2d(D, positions), persistent=False)
         # Upcycling from a DiT: a trainable LayerNorm between the (frozen, DiT-scaled) conditioning vector
         # and the scaffold's encoder, decoder and final layer. Off by default: official checkpoints have none.
@@ -118,11 +117,8 @@ class DynamicChunking(Tokenizer):
         nn.init.ones_(self.backbone_norm.weight)
         self.router.initialize_weights()
         self.final_layer.zero_init()
-        if self.bridge is not None:  # as DiT's own ends start (upcycling then copies the DiT's)
-            w = self.bridge.x_embedder.weight
-            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-            nn.init.zeros_(self.bridge.x_embedder.bias)
-            self.bridge.final_layer.zero_init()
+        if self.bridge is not None:
+            self.bridge.initialize_weights()
 
     # ---- budgets -------------------------------------------------------------------------------
     def training_budgets(self) -> tuple[tuple[dict[str, float], ...], int]:
@@ -152,7 +148,7 @@ class DynamicChunking(Tokenizer):
         residual projection of the encoder output; (B, H*W, D)."""
         gate = STE.apply(state.confidence)[..., None]  # forward 1; the router's gradient from the loss
         if self.bridge is not None:  # the DiT's final layer reads each pixel's nearest kept token, gated alike
-            z_pixel = gather_rows(pad_packed(tokens.x, tokens)[0], nearest_kept(state.mask, state.grid[1]))
+            z_pixel = nearest_plug_back(tokens.x, tokens, state.mask, state.grid[1])
             state.bridge = self.bridge.head(z_pixel * gate, c)
         z = self.backbone_norm(tokens.x)
         h = self.dechunker(z, tokens, state.p, state.mask, state.grid)
