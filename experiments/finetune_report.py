@@ -82,18 +82,24 @@ def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:
 # --------------------------------------------------------------------------- upcycling
 
 UPCYCLED = {  # run -> recipe: distillation weight (0: none), copied blocks' lr scale, position code scale,
-    # DiT bridge (bridge.py; 0: none) and the steps its patch-grid prior anneals over (0: kept), figure label
-    "upcycled": (1.0, 0.1, 1.0, 0, 0, "paper recipe: + distillation, blocks at 0.1 lr"),
-    "upcycled_no_distill": (0.0, 0.1, 1.0, 0, 0, "paper recipe: no distillation, blocks at 0.1 lr"),
-    "upcycled_no_distill_block_lr1": (0.0, 1.0, 1.0, 0, 0, "paper recipe: no distillation, blocks at full lr"),
-    "upcycled_block_lr1_distill_w0.1": (0.1, 1.0, 1.0, 0, 0, "paper recipe: + distillation x0.1, blocks at full lr"),
-    "upcycled_pos": (1.0, 0.1, 0.5, 0, 0, "+ DiT position code: + distillation, blocks at 0.1 lr"),
-    "upcycled_pos_no_distill": (0.0, 1.0, 0.5, 0, 0, "+ DiT position code: no distillation, full lr"),
-    "upcycled_bridge": (0.0, 1.0, 1.0, 2, 0, "DiT bridge, patch-grid prior kept"),
-    "upcycled_bridge_anneal": (0.0, 1.0, 1.0, 2, 100, "DiT bridge, prior annealed over 100 steps"),
-    "upcycled_bridge_anneal150": (0.0, 1.0, 1.0, 2, 150, "DiT bridge, prior annealed over 150 steps"),
-    "upcycled_bridge_anneal_distill": (1.0, 1.0, 1.0, 2, 100, "DiT bridge, prior annealed + distillation"),
-    "upcycled_bridge_all_anneal": (0.0, 1.0, 1.0, 2, 100, "DiT bridge from every pixel kept, prior annealed"),
+    # DiT bridge (bridge.py; 0: none), the steps its patch-grid prior anneals over (0: kept), where the router
+    # may keep tokens once it has ("any" pixel, or only the patches' first: "grid", thinning), target N, label
+    "upcycled": (1.0, 0.1, 1.0, 0, 0, "", 4, "paper recipe: + distillation, blocks at 0.1 lr"),
+    "upcycled_no_distill": (0.0, 0.1, 1.0, 0, 0, "", 4, "paper recipe: no distillation, blocks at 0.1 lr"),
+    "upcycled_no_distill_block_lr1": (0.0, 1.0, 1.0, 0, 0, "", 4, "paper recipe: no distillation, blocks at full lr"),
+    "upcycled_block_lr1_distill_w0.1": (0.1, 1.0, 1.0, 0, 0, "", 4,
+                                        "paper recipe: + distillation x0.1, blocks at full lr"),
+    "upcycled_pos": (1.0, 0.1, 0.5, 0, 0, "", 4, "+ DiT position code: + distillation, blocks at 0.1 lr"),
+    "upcycled_pos_no_distill": (0.0, 1.0, 0.5, 0, 0, "", 4, "+ DiT position code: no distillation, full lr"),
+    "upcycled_bridge": (0.0, 1.0, 1.0, 2, 0, "any", 4, "DiT bridge, patch-grid prior kept"),
+    "upcycled_bridge_anneal": (0.0, 1.0, 1.0, 2, 100, "any", 4, "DiT bridge, prior annealed over 100 steps"),
+    "upcycled_bridge_anneal150": (0.0, 1.0, 1.0, 2, 150, "any", 4, "DiT bridge, prior annealed over 150 steps"),
+    "upcycled_bridge_anneal_distill": (1.0, 1.0, 1.0, 2, 100, "any", 4, "DiT bridge, prior annealed + distillation"),
+    "upcycled_bridge_all_anneal": (0.0, 1.0, 1.0, 2, 100, "any", 4,
+                                   "DiT bridge from every pixel kept, prior annealed"),
+    "upcycled_bridge_thin": (0.0, 1.0, 1.0, 2, 100, "grid", 5, "DiT bridge, router thins the patches (N=5)"),
+    "upcycled_bridge_thin_distill": (1.0, 1.0, 1.0, 2, 100, "grid", 5,
+                                     "DiT bridge, router thins the patches (N=5) + distillation"),
 }
 
 
@@ -106,6 +112,14 @@ def kept_fractions(run: Path) -> dict[str, float]:
     last = metrics.dropna(subset=cols).iloc[-1]
     lo, hi = min(cols, key=lambda c: int(c[15:])), max(cols, key=lambda c: int(c[15:]))
     return {"kept_fraction_low_t": float(last[lo]), "kept_fraction_high_t": float(last[hi])}
+
+
+def sample_quality(run: Path) -> dict[str, float]:
+    """fid_shapes of the run's final EMA model, from ``dyncompute eval`` when it was run (else nothing)."""
+    path = run / "eval" / "eval.json"
+    if not path.is_file():
+        return {}
+    return {"fid_shapes": float(json.loads(path.read_text())["fid_shapes"])}
 
 
 def _first_below(curve: pd.DataFrame, loss: float) -> float:
@@ -133,13 +147,13 @@ def upcycling_results(root: Path) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]
     scratch = curves["dcdit_scratch"]
     scratch_steps, bar = int(scratch.step.iloc[-1]), float(scratch.heldout_loss.iloc[-1])
     rows = []
-    for name, (distill, block_lr, pos_scale, bridge, prior_steps, _) in UPCYCLED.items():
+    for name, (distill, block_lr, pos_scale, bridge, prior_steps, places, N, _) in UPCYCLED.items():
         c = curves[name]
         steps = _stays_below(c, bar)
         rows.append({
             "run": name, "distillation_weight": distill, "block_lr_scale": block_lr, "pos_scale": pos_scale,
             "dit_bridge": bridge, "bridge_start": ("all" if "bridge_all" in name else "grid") if bridge else "",
-            "prior_steps": prior_steps, "scratch_steps": scratch_steps,
+            "prior_steps": prior_steps, "bridge_places": places, "target_ratio": N, "scratch_steps": scratch_steps,
             "scratch_final_heldout_loss": bar, "upcycled_steps_trained": int(c.step.iloc[-1]),
             "steps_to_reach_scratch_final": steps, "steps_ratio": steps / scratch_steps,
             "upcycled_heldout_loss_at_quarter": _at(c, scratch_steps / 4),
@@ -148,7 +162,7 @@ def upcycling_results(root: Path) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]
             "scratch_steps_to_reach_upcycled_final": _first_below(scratch, float(c.heldout_loss.iloc[-1])),
             "dit_source_steps": int(curves["dit"].step.iloc[-1]),
             "dit_source_final_heldout_loss": float(curves["dit"].heldout_loss.iloc[-1]),
-            **kept_fractions(root / UP / name),
+            **kept_fractions(root / UP / name), **sample_quality(root / UP / name),
         })
     return pd.DataFrame(rows), curves
 
@@ -156,9 +170,10 @@ def upcycling_results(root: Path) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]
 def upcycling_figure(curves: dict[str, pd.DataFrame], results: pd.DataFrame, path: Path) -> None:
     """Two panels over the same references: the paper's recipe (with and without the DiT's position code)
     and the DiT bridge (this project's extension)."""
-    panels = (("The paper's recipe (blocks + embedders copied)", [n for n in UPCYCLED if "bridge" not in n]),
-              ("With the DiT bridge (this project's extension)", [n for n in UPCYCLED if "bridge" in n]))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+    panels = (("The paper's recipe (blocks + embedders copied)", [n for n in UPCYCLED if not UPCYCLED[n][3]]),
+              ("DiT bridge, router free to keep any pixel", [n for n in UPCYCLED if UPCYCLED[n][5] == "any"]),
+              ("DiT bridge, router thins the DiT's patch tokens", [n for n in UPCYCLED if UPCYCLED[n][5] == "grid"]))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5), sharey=True)
     bar, steps = results.scratch_final_heldout_loss.iloc[0], results.scratch_steps.iloc[0]
     for ax, (title, names) in zip(axes, panels):
         ax.plot(curves["dit"].step, curves["dit"].heldout_loss, color="gray", lw=1, alpha=0.6,
@@ -188,7 +203,9 @@ def upcycling_outcome(results: pd.DataFrame) -> str:
         if pd.notna(r.steps_ratio):
             verdict = "met" if r.steps_ratio <= 0.25 else "not met"
             note = (" But its router stayed on the DiT's patch grid (0.25 of the pixels kept at every t): it is a "
-                    "static patchify with DC-DiT's scaffold around it, not yet dynamic chunking.") if static else ""
+                    "static patchify with DC-DiT's scaffold around it, not yet dynamic chunking.") if static else (
+                f" Its router keeps {r.kept_fraction_low_t:.3f} of the pixels at t = 0 and "
+                f"{r.kept_fraction_high_t:.3f} at t = 999.")
             lines.append(f"- `{r.run}`: below it from step {r.steps_to_reach_scratch_final:.0f} on, "
                          f"steps_ratio {r.steps_ratio:.3f}: {verdict}.{note}")
         else:
@@ -208,8 +225,10 @@ def upcycling_report(root: Path, out: Path) -> pd.DataFrame:
     upcycling_figure(curves, results, out / "heldout_loss.png")
     cols = ["run", "steps_to_reach_scratch_final", "steps_ratio", "upcycled_heldout_loss_at_quarter",
             "scratch_heldout_loss_at_quarter", "upcycled_final_heldout_loss", "kept_fraction_low_t",
-            "kept_fraction_high_t"]
-    recipe = ["run", "distillation_weight", "block_lr_scale", "pos_scale", "dit_bridge", "bridge_start", "prior_steps"]
+            "kept_fraction_high_t", "fid_shapes"]
+    recipe = ["run", "distillation_weight", "block_lr_scale", "pos_scale", "dit_bridge", "bridge_start", "prior_steps",
+              "bridge_places", "target_ratio"]
+    scratch_fid = sample_quality(root / UP / "dcdit_scratch").get("fid_shapes", float("nan"))
     dit_steps, scratch_steps = int(results.dit_source_steps.iloc[0]), int(results.scratch_steps.iloc[0])
     bar = float(results.scratch_final_heldout_loss.iloc[0])
     scratch_kept = kept_fractions(root / UP / "dcdit_scratch")
@@ -235,6 +254,11 @@ The recipes (`results.csv` has them per run):
   beside the new scaffold, and a patch-grid prior on the router's logits (+-4) makes it keep the first
   pixel of every patch, so that the upcycled DC-DiT starts out computing the DiT; the prior is kept, or
   annealed to 0 over the first 100 steps (`upcycling.prior_steps`) so that the router takes over.
+- **The DiT bridge, the router thinning the patches** (`upcycle_bridge_thin.gin`): as above, prior
+  annealed over 100 steps, but the router may keep only the patches' first pixels (`bridge_places =
+  'grid'`): it drops patch tokens where it can, and never adds one between them. Its ratio loss balances
+  its own decisions on those pixels towards N = 5 (a fifth of the pixels, 80% of the patches: less
+  backbone work than the from-scratch N = 4).
 
 Quality: held-out denoising loss = mean over the timesteps 0, 20, 50, 100, 250, 500, 750, 999 of the
 ε-prediction MSE of the EMA model on 64 held-out images (a seed training never uses, fixed noise;
@@ -244,7 +268,10 @@ not below it at the end; the first evaluation is at step 25). `kept_fraction_low
 `_high_t`: the router's kept fraction of pixels at t = 0 and t = 999 at the last evaluation (the
 from-scratch DC-DiT: {scratch_kept.get("kept_fraction_low_t", float("nan")):.3f} /
 {scratch_kept.get("kept_fraction_high_t", float("nan")):.3f}; a router that stays on the patch grid keeps
-0.25 at every t, i.e. it is a static patchify).
+0.25 at every t, i.e. it is a static patchify). `fid_shapes`: of the final EMA model, 256 class-balanced
+DDIM-50 samples against 256 held-out images, on the project's shapes classifier (`dyncompute eval RUN
+--samples 256 --sampler ddim --steps 50`; the from-scratch DC-DiT: {scratch_fid:.2f}; blank: not
+evaluated). These small models do not draw the shapes yet, so it tells models apart only coarsely.
 
 {_table(results, cols)}
 
@@ -262,6 +289,8 @@ evaluation of every run). Commands (from the repository root):
 ```
 python experiments/finetune_study.py train --only dit dcdit_scratch \\
     {jobs} --jobs 2
+for r in dcdit_scratch upcycled_bridge upcycled_bridge_thin upcycled_bridge_thin_distill; do
+    dyncompute eval runs/upcycling/$r --samples 256 --sampler ddim --steps 50; done
 python experiments/finetune_study.py report
 ```
 

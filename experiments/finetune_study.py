@@ -58,6 +58,13 @@ JOBS = {  # name -> (run directory, dyncompute arguments, runs it starts from)
                                        ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle_bridge.gin", "-b",
                                         "upcycling.prior_steps = 100", "-b", "upcycling.distill_steps = 100"],
                                        ["dit"]),
+    # the router thins the DiT's patch tokens (never adds one between them) once the prior has faded, towards
+    # N = 5 (a fifth of the pixels: 80% of the patches, less backbone work than the from-scratch N = 4)
+    "upcycled_bridge_thin": (f"{UP}/upcycled_bridge_thin",
+                             ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle_bridge_thin.gin"], ["dit"]),
+    "upcycled_bridge_thin_distill": (f"{UP}/upcycled_bridge_thin_distill",
+                                     ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle_bridge_thin.gin", "-b",
+                                      "upcycling.distill_steps = 100"], ["dit"]),
     "dit_dydit_0.7": (f"{DY}/dit_dydit_0.7", ["train", "experiments/dydit/dydit.gin", "-b",
                                               "reducers.dydit.target = 0.7"], ["dit"]),
     "dit_dydit_0.5": (f"{DY}/dit_dydit_0.5", ["train", "experiments/dydit/dydit.gin", "-b",

@@ -18,6 +18,7 @@ from dyncompute.diffusion import (
 )
 from dyncompute.diffusion.gaussian import discretized_gaussian_log_likelihood, normal_kl
 from dyncompute.diffusion.samplers import DDIMSampler, DDPMSampler, ODESampler
+from dyncompute.errors import ConfigError
 from dyncompute.registry import SAMPLERS
 
 T = 1000
@@ -267,6 +268,15 @@ def test_oracle_model_recovers_x0(cls, steps, x0):
     assert sampler.nfe == steps == len(sampler.timesteps_seen)
     respacing = f"ddim{steps}" if cls is DDIMSampler else str(steps)
     assert sampler.timesteps_seen == sorted(space_timesteps(T, respacing), reverse=True)
+
+
+@pytest.mark.parametrize("cls", [DDIMSampler, DDPMSampler])
+@pytest.mark.parametrize("steps", [1, 0, 2.5])
+def test_gaussian_samplers_need_two_steps(cls, steps):
+    """One step has no posterior variance: it failed deep in the schedule with an IndexError."""
+    with pytest.raises(ConfigError, match="num_steps >= 2"):
+        cls(num_steps=steps)
+    cls(num_steps=2).sample(lambda x, t: torch.zeros(*x.shape[:1], 2 * x.shape[1], *x.shape[2:]), SHAPE)
 
 
 def test_sampler_passes_model_kwargs_and_recounts(x0):

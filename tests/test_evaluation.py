@@ -3,7 +3,10 @@ held-out loss in training, and `dyncompute eval`."""
 import itertools
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -271,6 +274,21 @@ def test_eval_cli_json_on_a_tiny_run(gin_file, tmp_path, cache_dir, classifier, 
     assert all(0.0 <= v <= 1.0 for v in result["router_auroc"].values())
     assert (tmp_path / "eval" / "router_maps.png").stat().st_size > 0
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["cas"] == result["cas"]
+
+
+def test_eval_runs_in_a_fresh_process(gin_file, tmp_path, cache_dir, classifier):
+    """A new `dyncompute eval` process has never imported the trainer, whose bindings the run's config holds
+    (it failed with "No configurable matching 'train'" while every in-process test passed)."""
+    run = tmp_path / "run"
+    _train(gin_file, run)
+    cmd = [sys.executable, "-m", "dyncompute.cli", "eval", str(run), "--sampler", "ddim", "--steps", "2",
+           "--heldout", "8", "--json", "--out", str(tmp_path / "eval")]
+    env = {**os.environ, "DYNCOMPUTE_CACHE": str(cache_dir)}
+    done = subprocess.run(cmd + ["--samples", "80"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["num_samples"] == 80
+    few = subprocess.run(cmd + ["--samples", "4"], capture_output=True, text=True, env=env)  # before sampling
+    assert few.returncode == 2 and few.stderr.count("\n") == 1 and "fid_shapes needs more images" in few.stderr
 
 
 def test_eval_cli_errors_are_one_line(gin_file, tmp_path, capsys, monkeypatch):

@@ -233,3 +233,30 @@ def test_bridge_start_all_keeps_every_pixel_and_bad_starts_are_named():
     with pytest.raises(ConfigError, match="bridge_start"):
         DiffusionTransformer(**KW, hidden_size=32, tokenizer="dynamic_chunking",
                              tokenizer_kwargs={"dit_bridge": 2, "bridge_start": "corners"})
+
+
+def test_bridge_places_grid_only_thins_patch_tokens():
+    """With the prior faded, the router keeps or drops each patch's first pixel and nothing else; its
+    ratio loss balances its own decisions there (N per patch = target_ratio / P^2)."""
+    model = DiffusionTransformer(**KW, hidden_size=32, tokenizer="dynamic_chunking",
+                                 tokenizer_kwargs={"enc_dec_factor": 4, "dit_bridge": 2, "bridge_places": "grid",
+                                                   "target_ratio": 5.0})
+    bridge = model.tokenizer.bridge
+    bridge.prior_scale.fill_(0.0)
+    p = torch.full((2, 64), 0.9)  # the router would keep every pixel
+    q = bridge.route(p)
+    assert torch.equal(q > 0.5, (bridge.place == 0).expand(2, -1))
+    p[:, bridge.place == 0] = torch.linspace(0.1, 0.9, 16)
+    view, decisions, N = bridge.ratio_view(p, 5.0)
+    assert view.shape == (2, 16) and N == 5.0 / 4 and int(decisions.sum()) == 2 * 8
+    model.eval()
+    with torch.no_grad():
+        _, info = model(torch.randn(2, 3, 8, 8), torch.tensor([5, 600]), torch.tensor([1, 3]), return_info=True)
+    off_grid = info.state.mask & (bridge.place != 0)
+    assert not off_grid[:, :-1].any()  # only the last pixel (always a boundary) may sit off the grid
+    with pytest.raises(ConfigError, match="target_ratio must exceed 4"):
+        DiffusionTransformer(**KW, hidden_size=32, tokenizer="dynamic_chunking",
+                             tokenizer_kwargs={"dit_bridge": 2, "bridge_places": "grid"})
+    with pytest.raises(ConfigError, match="bridge_places"):
+        DiffusionTransformer(**KW, hidden_size=32, tokenizer="dynamic_chunking",
+                             tokenizer_kwargs={"dit_bridge": 2, "bridge_places": "edges", "target_ratio": 5.0})

@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from dyncompute.errors import ConfigError
 from dyncompute.observe import Observed, Timesteps
 from dyncompute.registry import SAMPLERS
 
@@ -84,6 +85,9 @@ class _GaussianSampler(Sampler):
                  clip_denoised, objective: SpacedDiffusion | None = None):
         if spacing not in SPACINGS:
             raise ValueError(f"unknown spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
+            # a one-step schedule has no posterior variance (q(x_{t-1} | x_t, x_0) needs a t - 1)
+            raise ConfigError(f"DDPM and DDIM sampling need num_steps >= 2, got {num_steps!r}")
         self.num_steps, self.clip_denoised = num_steps, clip_denoised
         self._objective = objective or create_diffusion(
             "", noise_schedule=noise_schedule, learn_sigma=learn_sigma, diffusion_steps=diffusion_steps)

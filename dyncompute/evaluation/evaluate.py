@@ -14,14 +14,14 @@ evaluator's format) and ``router_maps.png``.
 """
 from __future__ import annotations
 
+import ast
 import json
 import math
 from pathlib import Path
 
-import gin
 import torch
 
-from ..config import scoped
+from ..config import RUN_CONFIGURABLES, bindings_of, scoped
 from ..diffusion import make_objective
 from ..io import atomic_write_text
 from ..registry import FEATURE_EXTRACTORS
@@ -35,7 +35,7 @@ from .heldout import (
     nest,
     router_maps_at,
 )
-from .metrics import quality_against, stack_items
+from .metrics import check_sample_count, quality_against, stack_items
 from .router import plot_router_maps
 
 FIGURE_IMAGES = 6
@@ -48,11 +48,13 @@ def evaluate_run(run_dir, num_samples: int = 256, sampler: str = "ddpm", steps: 
     run_dir = Path(run_dir)
     if not (run_dir / "config.gin").is_file():
         raise FileNotFoundError(f"not a run directory (no config.gin): {run_dir}")
-    with scoped([run_dir / "config.gin"], bindings):
-        dataset, kind = _bound("train.dataset", "procedural"), _bound("train.objective", "gaussian")
+    with scoped([run_dir / "config.gin"], bindings, skip_unknown=RUN_CONFIGURABLES):
+        dataset = _train_setting(run_dir, bindings, "train.dataset", "procedural")
+        kind = _train_setting(run_dir, bindings, "train.objective", "gaussian")
         reference = heldout_dataset(dataset, max(num_samples, heldout))
         second = heldout_dataset(dataset, num_samples, SECOND_SEED)
         extractors = [FEATURE_EXTRACTORS.build(name, dataset=reference) for name in features]
+    check_sample_count(extractors, num_samples)
     model, samples = _model_and_samples(run_dir, weights, num_samples=num_samples, sampler=sampler,
                                         num_steps=steps, cfg_scale=cfg_scale, seed=seed, device=device)
     objective = make_objective(kind, **({"learn_sigma": model.learn_sigma} if kind == "gaussian" else {}))
@@ -78,11 +80,11 @@ def _model_and_samples(run_dir: Path, weights: str, **generate_kwargs):
     return model, generate(model, clip_denoised=True, objective=run_objective(run_dir), **generate_kwargs)
 
 
-def _bound(key: str, default):
-    try:
-        return gin.query_parameter(key)
-    except ValueError:
-        return default
+def _train_setting(run_dir: Path, bindings, key: str, default):
+    """A training setting of the run, read from its config text: evaluating must not need the trainer (or
+    an extension such as upcycling) registered with gin, and a fresh `dyncompute eval` process has neither."""
+    value = bindings_of("\n".join([(run_dir / "config.gin").read_text(), *bindings])).get(key)
+    return default if value is None else ast.literal_eval(value)
 
 
 def _write(out: Path, result: dict, images, model, objective, reference, seed: int) -> None:

@@ -14,6 +14,7 @@ from ignite.engine import Engine
 from ignite.metrics import FID, Accuracy, InceptionScore
 from torch import nn
 
+from ..errors import UserError
 from .features import FeatureExtractor, check_images
 
 
@@ -75,6 +76,14 @@ def attach_quality_metrics(engine: Engine, extractor: FeatureExtractor, floor: b
         Accuracy(lambda o: (logits(o["real"]), o["y_real"]), device=device).attach(engine, f"{extractor.cas_name}_real")
 
 
+def check_sample_count(extractors, n: int) -> None:
+    """FID's covariance needs more images than features: say so before anything is sampled."""
+    for extractor in extractors:
+        if n <= extractor.num_features:
+            raise UserError(f"{extractor.fid_name} needs more images than its {extractor.num_features} features "
+                            f"(else the covariance is singular); got {n}")
+
+
 def quality(extractors: list[FeatureExtractor], fake: torch.Tensor, labels: torch.Tensor, real: torch.Tensor,
             real_labels: torch.Tensor, real_b: torch.Tensor | None = None, batch_size: int = 100,
             device="cpu") -> dict[str, float]:
@@ -86,12 +95,9 @@ def quality(extractors: list[FeatureExtractor], fake: torch.Tensor, labels: torc
         if images is not None:
             check_images(images, name)
     if len(real) != len(fake) or (real_b is not None and len(real_b) != len(fake)):
-        raise ValueError(f"FID needs as many real as generated images: {len(fake)} generated, {len(real)} real"
+        raise UserError(f"FID needs as many real as generated images: {len(fake)} generated, {len(real)} real"
                          + ("" if real_b is None else f", {len(real_b)} in the second real set"))
-    for extractor in extractors:
-        if len(fake) <= extractor.num_features:
-            raise ValueError(f"{extractor.fid_name} needs more images than its {extractor.num_features} features "
-                             f"(else the covariance is singular); got {len(fake)}")
+    check_sample_count(extractors, len(fake))
     engine = Engine(lambda _, batch: batch)
     for extractor in extractors:
         attach_quality_metrics(engine, extractor.to(device).eval(), real_b is not None, device)

@@ -12,7 +12,12 @@ produce outputs that nothing around them understands. The bridge keeps the DiT's
   DiT's own tokens; ``start="all"``: every pixel, each patch's token once per pixel, which attention
   sees as the DiT's tokens, at 4x the backbone's work), while the router's own probabilities,
   unsaturated, still carry its gradients (confidence, ratio loss); upcycling can anneal the scale to 0
-  (``upcycling.prior_steps``) so that the router, trained all along, takes over;
+  (``upcycling.prior_steps``) so that the router, trained all along, takes over; ``places="grid"``
+  lets it take over only where the prior keeps a pixel: it thins the DiT's tokens (one per patch at
+  most, at the patch's first pixel) and never adds a token between them; the ratio loss then balances
+  the router's own decisions on those pixels (`ratio_view`), so that they already keep the target share
+  of the patches when the prior fades (balanced on the prior's decisions, which keep every patch, it
+  drove the router's probabilities down unopposed: 3% kept when the prior faded, loss 0.72);
 - ``final_layer``: the DiT's final layer applied to each pixel's nearest kept token's backbone output
   (times DC-DiT's straight-through confidence gate, so that the router learns from this path too),
   keeping the entry for the pixel's place (r % P, c % P) in its patch; it is added to the scaffold's own
@@ -34,7 +39,7 @@ PRIOR = 4.0  # sigmoid(4) = 0.98: the first pixel of each patch is a boundary, t
 
 class DiTBridge(nn.Module):
     def __init__(self, in_channels: int, hidden_size: int, out_channels: int, input_size: int, patch_size: int,
-                 cond_dim: int, start: str = "grid"):
+                 cond_dim: int, start: str = "grid", places: str = "any"):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by the bridge's patch size {patch_size}")
@@ -44,6 +49,11 @@ class DiTBridge(nn.Module):
         self.encoder_gate = nn.Parameter(torch.zeros(hidden_size))
         if start not in ("grid", "all"):
             raise ConfigError(f"tokenizers.dynamic_chunking.bridge_start must be 'grid' or 'all', got {start!r}")
+        if places not in ("any", "grid"):
+            raise ConfigError(f"tokenizers.dynamic_chunking.bridge_places must be 'any' or 'grid', got {places!r}")
+        if places == "grid" and start != "grid":
+            raise ConfigError("tokenizers.dynamic_chunking.bridge_places = 'grid' needs bridge_start = 'grid'")
+        self.places = places
         prior = torch.full((P * P,), -PRIOR if start == "grid" else PRIOR)  # "all": every pixel kept
         prior[0] = PRIOR
         self.register_buffer("place_prior", prior, persistent=False)
@@ -66,8 +76,16 @@ class DiTBridge(nn.Module):
 
     def route(self, p: torch.Tensor) -> torch.Tensor:
         """Boundary probabilities (B, L) for the keep decisions: the router's with the scaled per-place prior
-        added to their logits."""
-        return torch.sigmoid(torch.logit(p, eps=1e-6) + self.prior_scale * self.place_prior[self.place])
+        added to their logits (``places="grid"``: 0 off the patches' first pixels)."""
+        q = torch.sigmoid(torch.logit(p, eps=1e-6) + self.prior_scale * self.place_prior[self.place])
+        return q if self.places == "any" else q * (self.place == 0)
+
+    def ratio_view(self, p: torch.Tensor, target_ratio: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(p, decisions, N) for the ratio loss when the router thins patches: its own probabilities and
+        decisions at the patches' first pixels, towards ``target_ratio`` pixels per token, i.e. a
+        ``P**2 / target_ratio`` share of the patches."""
+        q = p[:, self.place == 0]
+        return q, q > 0.5, target_ratio / self.patch_size ** 2
 
     def head(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """(B, L, C) prediction from each pixel's backbone state ``z`` (B, L, D): the DiT's output for the

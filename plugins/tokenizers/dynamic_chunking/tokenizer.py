@@ -64,7 +64,8 @@ class DynamicChunking(Tokenizer):
                  enc_dec_factor: int = 4, encoder_depth: int = 2, decoder_depth: int = 2,
                  dechunk_sigma: float = 1.0, tail_drop: float = 0.0,
                  budget_set: Sequence[float] = (), budget_warmup_steps: int = 0, cond_adaptor: bool = False,
-                 pos_scale: float = 1.0, dit_bridge: int = 0, bridge_start: str = "grid"):
+                 pos_scale: float = 1.0, dit_bridge: int = 0, bridge_start: str = "grid",
+                 bridge_places: str = "any"):
         super().__init__()
         check_target_ratio(target_ratio)
         for rho in (tail_drop, *budget_set):
@@ -97,7 +98,11 @@ class DynamicChunking(Tokenizer):
             if pos_scale != 1:
                 raise ConfigError("tokenizers.dynamic_chunking.dit_bridge codes positions by patch: "
                                   "leave pos_scale at 1")
-            self.bridge = DiTBridge(in_channels, D, out_channels, input_size, dit_bridge, cond_dim, bridge_start)
+            if bridge_places == "grid" and not target_ratio > dit_bridge ** 2:
+                raise ConfigError(f"tokenizers.dynamic_chunking.bridge_places = 'grid' keeps at most one token per "
+                                  f"patch: target_ratio must exceed {dit_bridge ** 2}, got {target_ratio}")
+            self.bridge = DiTBridge(in_channels, D, out_channels, input_size, dit_bridge, cond_dim, bridge_start,
+                                    bridge_places)
         positions = grid_positions(input_size) // dit_bridge if dit_bridge else grid_positions(input_size) * pos_scale
         self.register_buffer("pos_embed", sincos_2d(D, positions), persistent=False)
         # Upcycling from a DiT: a trainable LayerNorm between the (frozen, DiT-scaled) conditioning vector
@@ -168,7 +173,10 @@ class DynamicChunking(Tokenizer):
         return rearrange(out, "b (r w) c -> b c r w", r=r, w=w)
 
     def aux_losses(self, state: ChunkState) -> dict[str, torch.Tensor]:
-        loss = ratio_loss(state.p, state.mask_natural, self.target_ratio, self.ratio_group_size)
+        p, decisions, N = state.p, state.mask_natural, self.target_ratio
+        if self.bridge is not None and self.bridge.places == "grid":
+            p, decisions, N = self.bridge.ratio_view(p, N)
+        loss = ratio_loss(p, decisions, N, self.ratio_group_size)
         return {"ratio": self.ratio_loss_weight * loss}
 
     def token_grid(self) -> tuple[int, int]:
