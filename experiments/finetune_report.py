@@ -100,6 +100,8 @@ UPCYCLED = {  # run -> recipe: distillation weight (0: none), copied blocks' lr 
     "upcycled_bridge_thin": (0.0, 1.0, 1.0, 2, 100, "grid", 5, "DiT bridge, router thins the patches (N=5)"),
     "upcycled_bridge_thin_distill": (1.0, 1.0, 1.0, 2, 100, "grid", 5,
                                      "DiT bridge, router thins the patches (N=5) + distillation"),
+    "upcycled_bridge_thin_anneal50": (0.0, 1.0, 1.0, 2, 50, "grid", 5,
+                                      "DiT bridge, router thins the patches (N=5), prior over 50 steps"),
 }
 
 

@@ -252,11 +252,34 @@ def test_taylorseer_forecasts_by_the_originals_finite_differences():
     for k in (1, 2):
         assert torch.allclose(outs[7 + k], F[7] + d1_at_7 * k + d2_at_7 * k ** 2 / 2, atol=1e-5)
     assert torch.allclose(outs[2], F[1] + (F[1] - F[0]), atol=1e-6)  # only one difference known yet
+    d2_at_4 = (d1_at_4 - (F[1] - F[0])) / 3  # the warm-up's dt = 1 stays in the recursion
+    for k in (1, 2):
+        assert torch.allclose(outs[4 + k], F[4] + d1_at_4 * k + d2_at_4 * k ** 2 / 2, atol=1e-5)
     line, ts1, cache = (lambda e: F[0] + 0.5 * e * F[1]), reducer("taylorseer", interval=4, order=1), None
     cache = ts1.new_cache()
     for e in range(12):
         out = ts1.mlp(lambda h, tk, e=e: line(e), torch.zeros(10, 3), _cache_ctx(cache, e, tokens))
         assert torch.allclose(out, line(e), atol=1e-5)
+
+
+def test_taylorseer_order_3_equals_the_recursion_on_tensors():
+    """Forecasts against TaylorSeer's recursion written out on the tensors, through the warm-up's irregular
+    spacing and past the point where the table holds every order."""
+    tokens = packed_tokens([4, 6], width=3)
+    F = [torch.randn(10, 3, generator=torch.Generator().manual_seed(e)) for e in range(16)]
+    ts = reducer("taylorseer", interval=3, order=3, warmup=2)
+    cache, diffs, last = ts.new_cache(), None, None
+    for e in range(16):
+        out = ts.mlp(lambda h, tk, e=e: F[e], torch.zeros(10, 3), _cache_ctx(cache, e, tokens))
+        if ts.is_full(e):
+            new = [F[e]]
+            for i in range(min(3, len(diffs)) if diffs else 0):
+                new.append((new[i] - diffs[i]) / (e - last))
+            diffs, last = new, e
+        else:
+            k = e - last
+            expected = sum(d * k ** i / math.factorial(i) for i, d in enumerate(diffs))
+            assert torch.allclose(out, expected, atol=1e-4), e
 
 
 def test_fora_reuses_the_last_full_output():

@@ -7,9 +7,11 @@
   MAC reduction; the row also gives the mean squared difference of the final samples to the uncached
   ones (same seed, pixels in [-1, 1]). They sample the DiT/2 that the reducer sweep trained
   (``dyncompute sweep experiments/sweeps/reducers.gin --out runs/reducers``), or ``--arg run=RUN_DIR``.
+- ``taylorseer_reuse_ddim50``: TaylorSeer's schedule at order 0 (reuse, no forecast): the ceiling of
+  ``taylorseer_ddim50``'s ratio on this model.
 - ``dcdit_tome``: DC-DiT (N = 4) + ToMe r = 0.5 vs DC-DiT alone, one forward; target: faster.
 
-    dyncompute bench tome_attention fora_ddim50 taylorseer_ddim50 dcdit_tome
+    dyncompute bench tome_attention fora_ddim50 taylorseer_ddim50 taylorseer_reuse_ddim50 dcdit_tome
 """
 from __future__ import annotations
 
@@ -123,3 +125,12 @@ def fora_case(run: str | None = None, images: int = 32) -> list[BenchPair]:
 def taylorseer_case(run: str | None = None, images: int = 32) -> list[BenchPair]:
     return _cache_pair("taylorseer_ddim50", ["taylorseer"], ["reducers.taylorseer.interval = 3",
                                                              "reducers.taylorseer.order = 2"], run, images)
+
+
+@register_case("taylorseer_reuse_ddim50")
+def taylorseer_reuse_case(run: str | None = None, images: int = 32) -> list[BenchPair]:
+    """TaylorSeer's schedule (interval 3, two warm-up evaluations) at order 0: every skipped evaluation
+    reuses the stored outputs, no forecast arithmetic. The ceiling of any interval-3 cache on this model:
+    what the uncached parts of a skipped evaluation (embedding, adaLN, gated adds, final layer) cost."""
+    return _cache_pair("taylorseer_reuse_ddim50", ["taylorseer"], ["reducers.taylorseer.interval = 3",
+                                                                   "reducers.taylorseer.order = 0"], run, images)

@@ -43,7 +43,10 @@ class Patchify(Tokenizer):
 
     def encode(self, x: torch.Tensor, c: torch.Tensor, **budget):
         self.check_budget(budget)
-        return Tokens.from_batched(self.x_embedder(x) + self.pos_embed, self.pos), None
+        # channels-last input: the convolution's (B, D, h, w) output then is (B, h*w, D) memory, so the
+        # tokens are a view (not a strided add and a copy of every token)
+        x = self.x_embedder(x.contiguous(memory_format=torch.channels_last))
+        return Tokens.from_batched(x + self.pos_embed, self.pos), None
 
     def to_grid(self, tokens: Tokens, state, c: torch.Tensor) -> torch.Tensor:
         """Every patch is a token: the backbone's output already is the (B, L, D) grid."""
