@@ -198,8 +198,9 @@ def upcycling_figure(curves: dict[str, pd.DataFrame], results: pd.DataFrame, pat
     plt.close(fig)
 
 
-def upcycling_outcome(results: pd.DataFrame) -> str:
-    lines = ["Outcome (claim: the from-scratch final loss in <= 1/4 of its steps, and staying there):"]
+def upcycling_outcome(results: pd.DataFrame, scratch_fid: float) -> str:
+    lines = ["Outcome (claim: the from-scratch final loss in <= 1/4 of its steps, and staying there; and, where "
+             "evaluated, its sample quality):"]
     for _, r in results.iterrows():
         static = all(abs(r.get(k, 0) - 0.25) < 0.01 for k in ("kept_fraction_low_t", "kept_fraction_high_t"))
         if pd.notna(r.steps_ratio):
@@ -208,8 +209,13 @@ def upcycling_outcome(results: pd.DataFrame) -> str:
                     "static patchify with DC-DiT's scaffold around it, not yet dynamic chunking.") if static else (
                 f" Its router keeps {r.kept_fraction_low_t:.3f} of the pixels at t = 0 and "
                 f"{r.kept_fraction_high_t:.3f} at t = 999.")
+            quality = ""
+            if pd.notna(r.get("fid_shapes", float("nan"))):
+                better = r.fid_shapes <= scratch_fid
+                quality = (f" fid_shapes {r.fid_shapes:.1f} against the from-scratch DC-DiT's {scratch_fid:.1f}: "
+                           f"{'as good or better' if better else 'worse, so the quality half of the claim is not met'}.")
             lines.append(f"- `{r.run}`: below it from step {r.steps_to_reach_scratch_final:.0f} on, "
-                         f"steps_ratio {r.steps_ratio:.3f}: {verdict}.{note}")
+                         f"steps_ratio {r.steps_ratio:.3f}: {verdict}.{note}{quality}")
         else:
             lines.append(f"- `{r.run}`: not below it at the end of its {r.upcycled_steps_trained} steps "
                          f"({r.upcycled_steps_trained / r.scratch_steps:.2f} of the from-scratch steps): not met; "
@@ -281,7 +287,7 @@ Recipes:
 
 {_table(results, recipe)}
 
-{upcycling_outcome(results)}
+{upcycling_outcome(results, scratch_fid)}
 
 ![held-out loss](heldout_loss.png)
 
