@@ -102,6 +102,9 @@ UPCYCLED = {  # run -> recipe: distillation weight (0: none), copied blocks' lr 
                                      "DiT bridge, router thins the patches (N=5) + distillation"),
     "upcycled_bridge_thin_anneal50": (0.0, 1.0, 1.0, 2, 50, "grid", 5,
                                       "DiT bridge, router thins the patches (N=5), prior over 50 steps"),
+    "upcycled_bridge_thin_n4.4": (0.0, 1.0, 1.0, 2, 100, "grid", 4.4, "DiT bridge, router thins the patches (N=4.4)"),
+    "upcycled_bridge_thin_n4.4_distill": (1.0, 1.0, 1.0, 2, 100, "grid", 4.4,
+                                          "DiT bridge, router thins the patches (N=4.4) + distillation"),
 }
 
 
@@ -211,9 +214,10 @@ def upcycling_outcome(results: pd.DataFrame, scratch_fid: float) -> str:
                 f"{r.kept_fraction_high_t:.3f} at t = 999.")
             quality = ""
             if pd.notna(r.get("fid_shapes", float("nan"))):
-                better = r.fid_shapes <= scratch_fid
+                verdict_q = ("as good or better" if r.fid_shapes <= scratch_fid
+                             else "worse, so the quality half of the claim is not met")
                 quality = (f" fid_shapes {r.fid_shapes:.1f} against the from-scratch DC-DiT's {scratch_fid:.1f}: "
-                           f"{'as good or better' if better else 'worse, so the quality half of the claim is not met'}.")
+                           f"{verdict_q}.")
             lines.append(f"- `{r.run}`: below it from step {r.steps_to_reach_scratch_final:.0f} on, "
                          f"steps_ratio {r.steps_ratio:.3f}: {verdict}.{note}{quality}")
         else:
