@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from dyncompute.config import RUN_CONFIGURABLES, scoped  # noqa: E402
+from dyncompute.config import RUN_CONFIGURABLES, bindings_of, scoped  # noqa: E402
 from dyncompute.diffusion import make_objective  # noqa: E402
 from dyncompute.evaluation.heldout import (  # noqa: E402
     create_heldout_evaluator,
@@ -105,6 +105,14 @@ UPCYCLED = {  # run -> recipe: distillation weight (0: none), copied blocks' lr 
     "upcycled_bridge_thin_n4.4": (0.0, 1.0, 1.0, 2, 100, "grid", 4.4, "DiT bridge, router thins the patches (N=4.4)"),
     "upcycled_bridge_thin_n4.4_distill": (1.0, 1.0, 1.0, 2, 100, "grid", 4.4,
                                           "DiT bridge, router thins the patches (N=4.4) + distillation"),
+    "upcycled_bridge_thin_distill200": (1.0, 1.0, 1.0, 2, 100, "grid", 5,
+                                        "DiT bridge, thins (N=5) + distillation all 200 steps"),
+    "upcycled_bridge_thin_n4.4_distill200": (1.0, 1.0, 1.0, 2, 100, "grid", 4.4,
+                                             "DiT bridge, thins (N=4.4) + distillation all 200 steps"),
+    "upcycled_bridge_thin_n4.4_count": (0.0, 1.0, 1.0, 2, 100, "grid", 4.4,
+                                        "DiT bridge, thins (N=4.4), prior faded by count"),
+    "upcycled_bridge_thin_n4.4_count_distill": (1.0, 1.0, 1.0, 2, 100, "grid", 4.4,
+                                                "DiT bridge, thins (N=4.4), faded by count + distillation"),
 }
 
 
@@ -117,6 +125,14 @@ def kept_fractions(run: Path) -> dict[str, float]:
     last = metrics.dropna(subset=cols).iloc[-1]
     lo, hi = min(cols, key=lambda c: int(c[15:])), max(cols, key=lambda c: int(c[15:]))
     return {"kept_fraction_low_t": float(last[lo]), "kept_fraction_high_t": float(last[hi])}
+
+
+def run_recipe(run: Path) -> dict:
+    """What the run's config says of the distillation's length and how the bridge's prior faded."""
+    bound = bindings_of((run / CONFIG_FILE).read_text())
+    fade = bound.get("dynamic_chunking.bridge_fade", "'logit'").strip("'") if "dynamic_chunking.dit_bridge" in bound \
+        else ""
+    return {"distill_steps": int(bound.get("upcycling.distill_steps", "0")), "bridge_fade": fade}
 
 
 def sample_quality(run: Path) -> dict[str, float]:
@@ -167,9 +183,12 @@ def upcycling_results(root: Path) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]
             "scratch_steps_to_reach_upcycled_final": _first_below(scratch, float(c.heldout_loss.iloc[-1])),
             "dit_source_steps": int(curves["dit"].step.iloc[-1]),
             "dit_source_final_heldout_loss": float(curves["dit"].heldout_loss.iloc[-1]),
-            **kept_fractions(root / UP / name), **sample_quality(root / UP / name),
+            **kept_fractions(root / UP / name), **sample_quality(root / UP / name), **run_recipe(root / UP / name),
         })
     return pd.DataFrame(rows), curves
+
+
+RUN_COLORS = [plt.cm.tab10(i) for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)] + [plt.cm.tab20(i) for i in (1, 5, 9)]  # no gray
 
 
 def upcycling_figure(curves: dict[str, pd.DataFrame], results: pd.DataFrame, path: Path) -> None:
@@ -178,22 +197,25 @@ def upcycling_figure(curves: dict[str, pd.DataFrame], results: pd.DataFrame, pat
     panels = (("The paper's recipe (blocks + embedders copied)", [n for n in UPCYCLED if not UPCYCLED[n][3]]),
               ("DiT bridge, router free to keep any pixel", [n for n in UPCYCLED if UPCYCLED[n][5] == "any"]),
               ("DiT bridge, router thins the DiT's patch tokens", [n for n in UPCYCLED if UPCYCLED[n][5] == "grid"]))
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(19, 7), sharey=True)
     bar, steps = results.scratch_final_heldout_loss.iloc[0], results.scratch_steps.iloc[0]
     for ax, (title, names) in zip(axes, panels):
         ax.plot(curves["dit"].step, curves["dit"].heldout_loss, color="gray", lw=1, alpha=0.6,
                 label="DiT/2 from scratch (the upcycling source)")
         ax.plot(curves["dcdit_scratch"].step, curves["dcdit_scratch"].heldout_loss, color="black", marker=".",
                 ms=4, label="DC-DiT N=4 from scratch")
-        for name in names:
-            ax.plot(curves[name].step, curves[name].heldout_loss, marker=".", ms=4, label=UPCYCLED[name][-1])
+        for i, name in enumerate(names):
+            ax.plot(curves[name].step, curves[name].heldout_loss, marker=".", ms=4, label=UPCYCLED[name][-1],
+                    color=RUN_COLORS[i % len(RUN_COLORS)])
         ax.axhline(bar, color="black", ls="--", lw=1, label=f"from-scratch DC-DiT final ({steps} steps)")
         ax.axvline(steps / 4, color="black", ls=":", lw=1, label="1/4 of the from-scratch steps")
         ax.set_yscale("log")
-        ax.set_xlim(0, max(int(c.step.max()) for c in curves.values()) * 1.03)
+        longest = max(int(c.step.max()) for n, c in curves.items() if n in names)
+        # the bridge panels: their runs' own steps (the from-scratch bar is the dashed line)
+        ax.set_xlim(0, (max(int(c.step.max()) for c in curves.values()) if ax is axes[0] else longest) * 1.05)
         ax.set_xlabel("training steps of the run (upcycled runs: steps after upcycling)")
         ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     axes[0].set_ylabel("held-out denoising loss (ε MSE, mean over timesteps; log)")
     fig.suptitle("Upcycling DC-DiT from DiT (EMA weights)")
     fig.tight_layout()
@@ -238,8 +260,8 @@ def upcycling_report(root: Path, out: Path) -> pd.DataFrame:
     cols = ["run", "steps_to_reach_scratch_final", "steps_ratio", "upcycled_heldout_loss_at_quarter",
             "scratch_heldout_loss_at_quarter", "upcycled_final_heldout_loss", "kept_fraction_low_t",
             "kept_fraction_high_t", "fid_shapes"]
-    recipe = ["run", "distillation_weight", "block_lr_scale", "pos_scale", "dit_bridge", "bridge_start", "prior_steps",
-              "bridge_places", "target_ratio"]
+    recipe = ["run", "distillation_weight", "distill_steps", "block_lr_scale", "pos_scale", "dit_bridge",
+              "bridge_start", "prior_steps", "bridge_fade", "bridge_places", "target_ratio"]
     scratch_fid = sample_quality(root / UP / "dcdit_scratch").get("fid_shapes", float("nan"))
     dit_steps, scratch_steps = int(results.dit_source_steps.iloc[0]), int(results.scratch_steps.iloc[0])
     bar = float(results.scratch_final_heldout_loss.iloc[0])

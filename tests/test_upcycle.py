@@ -260,3 +260,23 @@ def test_bridge_places_grid_only_thins_patch_tokens():
     with pytest.raises(ConfigError, match="bridge_places"):
         DiffusionTransformer(**KW, hidden_size=32, tokenizer="dynamic_chunking",
                              tokenizer_kwargs={"dit_bridge": 2, "bridge_places": "edges", "target_ratio": 5.0})
+
+
+def test_bridge_fade_count_drops_a_growing_share_of_the_wanted_patches():
+    """``bridge_fade = 'count'``: at prior scale s, (1 - s) of the patches the router would drop are
+    dropped, those with the lowest probability first; nothing off the patches' first pixels is kept."""
+    model = DiffusionTransformer(**KW, hidden_size=32, tokenizer="dynamic_chunking",
+                                 tokenizer_kwargs={"enc_dec_factor": 4, "dit_bridge": 2, "bridge_places": "grid",
+                                                   "target_ratio": 5.0, "bridge_fade": "count"})
+    bridge = model.tokenizer.bridge
+    first = bridge.place == 0
+    p = torch.full((1, 64), 0.9)
+    p[0, first] = torch.linspace(0.05, 0.95, 16)  # the router would drop the 8 lowest
+    for scale, dropped in ((1.0, 0), (0.5, 4), (0.25, 6), (0.0, 8)):
+        bridge.prior_scale.fill_(scale)
+        keep = bridge.route(p) > 0.5
+        assert int((~keep[0, first]).sum()) == dropped and not keep[0, ~first].any()
+        assert (~keep[0, first]).nonzero().flatten().tolist() == list(range(dropped))  # lowest p first
+    with pytest.raises(ConfigError, match="bridge_fade"):
+        DiffusionTransformer(**KW, hidden_size=32, tokenizer="dynamic_chunking",
+                             tokenizer_kwargs={"dit_bridge": 2, "bridge_fade": "count"})

@@ -18,6 +18,8 @@ produce outputs that nothing around them understands. The bridge keeps the DiT's
   the router's own decisions on those pixels (`ratio_view`), so that they already keep the target share
   of the patches when the prior fades (balanced on the prior's decisions, which keep every patch, it
   drove the router's probabilities down unopposed: 3% kept when the prior faded, loss 0.72);
+  ``fade="count"`` fades the prior in numbers rather than logits: of the patches the router would drop,
+  the (1 - scale) share it is surest of are dropped;
 - ``final_layer``: the DiT's final layer applied to each pixel's nearest kept token's backbone output
   (times DC-DiT's straight-through confidence gate, so that the router learns from this path too),
   keeping the entry for the pixel's place (r % P, c % P) in its patch; it is added to the scaffold's own
@@ -39,7 +41,7 @@ PRIOR = 4.0  # sigmoid(4) = 0.98: the first pixel of each patch is a boundary, t
 
 class DiTBridge(nn.Module):
     def __init__(self, in_channels: int, hidden_size: int, out_channels: int, input_size: int, patch_size: int,
-                 cond_dim: int, start: str = "grid", places: str = "any"):
+                 cond_dim: int, start: str = "grid", places: str = "any", fade: str = "logit"):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by the bridge's patch size {patch_size}")
@@ -53,7 +55,11 @@ class DiTBridge(nn.Module):
             raise ConfigError(f"tokenizers.dynamic_chunking.bridge_places must be 'any' or 'grid', got {places!r}")
         if places == "grid" and start != "grid":
             raise ConfigError("tokenizers.dynamic_chunking.bridge_places = 'grid' needs bridge_start = 'grid'")
-        self.places = places
+        if fade not in ("logit", "count"):
+            raise ConfigError(f"tokenizers.dynamic_chunking.bridge_fade must be 'logit' or 'count', got {fade!r}")
+        if fade == "count" and places != "grid":
+            raise ConfigError("tokenizers.dynamic_chunking.bridge_fade = 'count' needs bridge_places = 'grid'")
+        self.places, self.fade = places, fade
         prior = torch.full((P * P,), -PRIOR if start == "grid" else PRIOR)  # "all": every pixel kept
         prior[0] = PRIOR
         self.register_buffer("place_prior", prior, persistent=False)
@@ -77,8 +83,21 @@ class DiTBridge(nn.Module):
     def route(self, p: torch.Tensor) -> torch.Tensor:
         """Boundary probabilities (B, L) for the keep decisions: the router's with the scaled per-place prior
         added to their logits (``places="grid"``: 0 off the patches' first pixels)."""
+        if self.fade == "count":
+            return self._count_faded(p)
         q = torch.sigmoid(torch.logit(p, eps=1e-6) + self.prior_scale * self.place_prior[self.place])
         return q if self.places == "any" else q * (self.place == 0)
+
+    def _count_faded(self, p: torch.Tensor) -> torch.Tensor:
+        """``fade="count"``: of the patches the router would drop, only the (1 - prior_scale) share with the
+        lowest probabilities are dropped, so the number dropped grows linearly while the prior fades
+        (instead of flipping together when the prior crosses the router's logits)."""
+        first = (self.place == 0).expand_as(p)
+        wanted = first & (p <= 0.5)
+        allowed = ((1 - self.prior_scale) * wanted.sum(1, keepdim=True)).floor()
+        rank = p.masked_fill(~wanted, float("inf")).argsort(dim=1, stable=True).argsort(dim=1, stable=True)
+        drop = wanted & (rank < allowed)
+        return torch.where(first & ~drop, torch.ones_like(p), torch.where(drop, p, torch.zeros_like(p)))
 
     def ratio_view(self, p: torch.Tensor, target_ratio: float) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(p, decisions, N) for the ratio loss when the router thins patches: its own probabilities and

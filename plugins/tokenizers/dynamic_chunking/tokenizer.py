@@ -65,7 +65,7 @@ class DynamicChunking(Tokenizer):
                  dechunk_sigma: float = 1.0, tail_drop: float = 0.0,
                  budget_set: Sequence[float] = (), budget_warmup_steps: int = 0, cond_adaptor: bool = False,
                  pos_scale: float = 1.0, dit_bridge: int = 0, bridge_start: str = "grid",
-                 bridge_places: str = "any"):
+                 bridge_places: str = "any", bridge_fade: str = "logit"):
         super().__init__()
         check_target_ratio(target_ratio)
         for rho in (tail_drop, *budget_set):
@@ -102,7 +102,7 @@ class DynamicChunking(Tokenizer):
                 raise ConfigError(f"tokenizers.dynamic_chunking.bridge_places = 'grid' keeps at most one token per "
                                   f"patch: target_ratio must exceed {dit_bridge ** 2}, got {target_ratio}")
             self.bridge = DiTBridge(in_channels, D, out_channels, input_size, dit_bridge, cond_dim, bridge_start,
-                                    bridge_places)
+                                    bridge_places, bridge_fade)
         positions = grid_positions(input_size) // dit_bridge if dit_bridge else grid_positions(input_size) * pos_scale
         self.register_buffer("pos_embed", sincos_2d(D, positions), persistent=False)
         # Upcycling from a DiT: a trainable LayerNorm between the (frozen, DiT-scaled) conditioning vector
