@@ -97,22 +97,24 @@ UPCYCLED = {  # run -> recipe: distillation weight (0: none), copied blocks' lr 
     "upcycled_bridge_anneal_distill": (1.0, 1.0, 1.0, 2, 100, "any", 4, "DiT bridge, prior annealed + distillation"),
     "upcycled_bridge_all_anneal": (0.0, 1.0, 1.0, 2, 100, "any", 4,
                                    "DiT bridge from every pixel kept, prior annealed"),
-    "upcycled_bridge_thin": (0.0, 1.0, 1.0, 2, 100, "grid", 5, "DiT bridge, router thins the patches (N=5)"),
+    "upcycled_bridge_thin": (0.0, 1.0, 1.0, 2, 100, "grid", 5, "thins (N=5)"),
     "upcycled_bridge_thin_distill": (1.0, 1.0, 1.0, 2, 100, "grid", 5,
-                                     "DiT bridge, router thins the patches (N=5) + distillation"),
+                                     "thins (N=5) + distillation"),
     "upcycled_bridge_thin_anneal50": (0.0, 1.0, 1.0, 2, 50, "grid", 5,
-                                      "DiT bridge, router thins the patches (N=5), prior over 50 steps"),
-    "upcycled_bridge_thin_n4.4": (0.0, 1.0, 1.0, 2, 100, "grid", 4.4, "DiT bridge, router thins the patches (N=4.4)"),
+                                      "thins (N=5), prior over 50 steps"),
+    "upcycled_bridge_thin_n4.4": (0.0, 1.0, 1.0, 2, 100, "grid", 4.4, "thins (N=4.4)"),
     "upcycled_bridge_thin_n4.4_distill": (1.0, 1.0, 1.0, 2, 100, "grid", 4.4,
-                                          "DiT bridge, router thins the patches (N=4.4) + distillation"),
+                                          "thins (N=4.4) + distillation"),
     "upcycled_bridge_thin_distill200": (1.0, 1.0, 1.0, 2, 100, "grid", 5,
-                                        "DiT bridge, thins (N=5) + distillation all 200 steps"),
+                                        "thins (N=5) + distillation all 200 steps"),
     "upcycled_bridge_thin_n4.4_distill200": (1.0, 1.0, 1.0, 2, 100, "grid", 4.4,
-                                             "DiT bridge, thins (N=4.4) + distillation all 200 steps"),
+                                             "thins (N=4.4) + distillation all 200 steps"),
     "upcycled_bridge_thin_n4.4_count": (0.0, 1.0, 1.0, 2, 100, "grid", 4.4,
-                                        "DiT bridge, thins (N=4.4), prior faded by count"),
+                                        "thins (N=4.4), faded by count"),
     "upcycled_bridge_thin_n4.4_count_distill": (1.0, 1.0, 1.0, 2, 100, "grid", 4.4,
-                                                "DiT bridge, thins (N=4.4), faded by count + distillation"),
+                                                "thins (N=4.4), faded by count + distillation"),
+    "upcycled_bridge_thin_n4.4_count_scaffold": (0.0, 1.0, 1.0, 2, 100, "grid", 4.4,
+                                                 "thins (N=4.4), faded by count, scaffold fills dropped"),
 }
 
 
@@ -128,11 +130,14 @@ def kept_fractions(run: Path) -> dict[str, float]:
 
 
 def run_recipe(run: Path) -> dict:
-    """What the run's config says of the distillation's length and how the bridge's prior faded."""
+    """What the run's config says of the distillation's length, how the bridge's prior faded and what
+    predicts a dropped patch."""
     bound = bindings_of((run / CONFIG_FILE).read_text())
-    fade = bound.get("dynamic_chunking.bridge_fade", "'logit'").strip("'") if "dynamic_chunking.dit_bridge" in bound \
-        else ""
-    return {"distill_steps": int(bound.get("upcycling.distill_steps", "0")), "bridge_fade": fade}
+    bridged = "dynamic_chunking.dit_bridge" in bound
+    fade = bound.get("dynamic_chunking.bridge_fade", "'logit'").strip("'") if bridged else ""
+    dropped = bound.get("dynamic_chunking.bridge_dropped", "'neighbour'").strip("'") if bridged else ""
+    return {"distill_steps": int(bound.get("upcycling.distill_steps", "0")), "bridge_fade": fade,
+            "bridge_dropped": dropped}
 
 
 def sample_quality(run: Path) -> dict[str, float]:
@@ -261,7 +266,7 @@ def upcycling_report(root: Path, out: Path) -> pd.DataFrame:
             "scratch_heldout_loss_at_quarter", "upcycled_final_heldout_loss", "kept_fraction_low_t",
             "kept_fraction_high_t", "fid_shapes"]
     recipe = ["run", "distillation_weight", "distill_steps", "block_lr_scale", "pos_scale", "dit_bridge",
-              "bridge_start", "prior_steps", "bridge_fade", "bridge_places", "target_ratio"]
+              "bridge_start", "prior_steps", "bridge_fade", "bridge_places", "bridge_dropped", "target_ratio"]
     scratch_fid = sample_quality(root / UP / "dcdit_scratch").get("fid_shapes", float("nan"))
     dit_steps, scratch_steps = int(results.dit_source_steps.iloc[0]), int(results.scratch_steps.iloc[0])
     bar = float(results.scratch_final_heldout_loss.iloc[0])

@@ -280,3 +280,24 @@ def test_bridge_fade_count_drops_a_growing_share_of_the_wanted_patches():
     with pytest.raises(ConfigError, match="bridge_fade"):
         DiffusionTransformer(**KW, hidden_size=32, tokenizer="dynamic_chunking",
                              tokenizer_kwargs={"dit_bridge": 2, "bridge_fade": "count"})
+
+
+def test_bridge_dropped_scaffold_zeroes_the_dit_prediction_of_dropped_patches():
+    """``bridge_dropped = 'scaffold'``: pixels whose patch kept no token get no DiT prediction (a
+    neighbour's), kept patches keep theirs."""
+    model = DiffusionTransformer(**KW, hidden_size=32, tokenizer="dynamic_chunking",
+                                 tokenizer_kwargs={"enc_dec_factor": 4, "dit_bridge": 2, "bridge_places": "grid",
+                                                   "target_ratio": 5.0, "bridge_dropped": "scaffold"})
+    bridge = model.tokenizer.bridge
+    nn.init.normal_(bridge.final_layer.linear.weight)
+    z, c = torch.randn(1, 64, 32), torch.randn(1, 32)
+    mask = (bridge.place == 0)[None].clone()
+    mask[0, 0] = False  # patch (0, 0) dropped
+    out = bridge.head(z, c, mask)
+    full = bridge.head(z, c)
+    in_first_patch = bridge.patch_first == 0
+    assert not out[0, in_first_patch].any()
+    assert torch.equal(out[0, ~in_first_patch], full[0, ~in_first_patch])
+    with pytest.raises(ConfigError, match="bridge_dropped"):
+        DiffusionTransformer(**KW, hidden_size=32, tokenizer="dynamic_chunking",
+                             tokenizer_kwargs={"dit_bridge": 2, "bridge_dropped": "nowhere"})

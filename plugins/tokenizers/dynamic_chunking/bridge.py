@@ -41,7 +41,8 @@ PRIOR = 4.0  # sigmoid(4) = 0.98: the first pixel of each patch is a boundary, t
 
 class DiTBridge(nn.Module):
     def __init__(self, in_channels: int, hidden_size: int, out_channels: int, input_size: int, patch_size: int,
-                 cond_dim: int, start: str = "grid", places: str = "any", fade: str = "logit"):
+                 cond_dim: int, start: str = "grid", places: str = "any", fade: str = "logit",
+                 dropped: str = "neighbour"):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by the bridge's patch size {patch_size}")
@@ -59,13 +60,18 @@ class DiTBridge(nn.Module):
             raise ConfigError(f"tokenizers.dynamic_chunking.bridge_fade must be 'logit' or 'count', got {fade!r}")
         if fade == "count" and places != "grid":
             raise ConfigError("tokenizers.dynamic_chunking.bridge_fade = 'count' needs bridge_places = 'grid'")
-        self.places, self.fade = places, fade
+        if dropped not in ("neighbour", "scaffold"):
+            raise ConfigError(f"tokenizers.dynamic_chunking.bridge_dropped must be 'neighbour' or 'scaffold', "
+                              f"got {dropped!r}")
+        self.places, self.fade, self.dropped = places, fade, dropped
         prior = torch.full((P * P,), -PRIOR if start == "grid" else PRIOR)  # "all": every pixel kept
         prior[0] = PRIOR
         self.register_buffer("place_prior", prior, persistent=False)
         self.register_buffer("prior_scale", torch.ones(()))  # saved: a resumed or loaded run keeps its scale
         rows, cols = torch.meshgrid(torch.arange(input_size), torch.arange(input_size), indexing="ij")
         self.register_buffer("place", ((rows % P) * P + cols % P).reshape(-1), persistent=False)  # (L,)
+        first = (rows - rows % P) * input_size + cols - cols % P
+        self.register_buffer("patch_first", first.reshape(-1), persistent=False)  # (L,) its patch's first pixel
 
     def initialize_weights(self) -> None:
         """As a DiT's own ends start (upcycling then copies the DiT's)."""
@@ -106,10 +112,16 @@ class DiTBridge(nn.Module):
         q = p[:, self.place == 0]
         return q, q > 0.5, target_ratio / self.patch_size ** 2
 
-    def head(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def head(self, z: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L, C) prediction from each pixel's backbone state ``z`` (B, L, D): the DiT's output for the
-        pixel's place in its patch."""
+        pixel's place in its patch. ``dropped="scaffold"``: 0 where the pixel's patch kept no token of its
+        own (``mask`` (B, L): kept pixels), so that the scaffold's decoder predicts those pixels alone
+        instead of the DiT's prediction of a neighbouring patch."""
         out = self.final_layer(z, c)  # (B, L, P * P * C), DiT's (p q c) order
         out = out.view(*out.shape[:2], self.patch_size ** 2, -1)
         index = self.place.view(1, -1, 1, 1).expand(out.shape[0], -1, 1, out.shape[-1])
-        return out.gather(2, index).squeeze(2)
+        out = out.gather(2, index).squeeze(2)
+        if self.dropped == "neighbour" or mask is None:
+            return out
+        own = mask.gather(1, self.patch_first.expand(mask.shape[0], -1))
+        return out * own[..., None].to(out.dtype)

@@ -65,7 +65,7 @@ class DynamicChunking(Tokenizer):
                  dechunk_sigma: float = 1.0, tail_drop: float = 0.0,
                  budget_set: Sequence[float] = (), budget_warmup_steps: int = 0, cond_adaptor: bool = False,
                  pos_scale: float = 1.0, dit_bridge: int = 0, bridge_start: str = "grid",
-                 bridge_places: str = "any", bridge_fade: str = "logit"):
+                 bridge_places: str = "any", bridge_fade: str = "logit", bridge_dropped: str = "neighbour"):
         super().__init__()
         check_target_ratio(target_ratio)
         for rho in (tail_drop, *budget_set):
@@ -102,7 +102,7 @@ class DynamicChunking(Tokenizer):
                 raise ConfigError(f"tokenizers.dynamic_chunking.bridge_places = 'grid' keeps at most one token per "
                                   f"patch: target_ratio must exceed {dit_bridge ** 2}, got {target_ratio}")
             self.bridge = DiTBridge(in_channels, D, out_channels, input_size, dit_bridge, cond_dim, bridge_start,
-                                    bridge_places, bridge_fade)
+                                    bridge_places, bridge_fade, bridge_dropped)
         positions = grid_positions(input_size) // dit_bridge if dit_bridge else grid_positions(input_size) * pos_scale
         self.register_buffer("pos_embed", sincos_2d(D, positions), persistent=False)
         # Upcycling from a DiT: a trainable LayerNorm between the (frozen, DiT-scaled) conditioning vector
@@ -154,7 +154,7 @@ class DynamicChunking(Tokenizer):
         gate = STE.apply(state.confidence)[..., None]  # forward 1; the router's gradient from the loss
         if self.bridge is not None:  # the DiT's final layer reads each pixel's nearest kept token, gated alike
             z_pixel = nearest_plug_back(tokens.x, tokens, state.mask, state.grid[1])
-            state.bridge = self.bridge.head(z_pixel * gate, c)
+            state.bridge = self.bridge.head(z_pixel * gate, c, state.mask)
         z = self.backbone_norm(tokens.x)
         h = self.dechunker(z, tokens, state.p, state.mask, state.grid)
         return (h * gate + state.residual).to(z.dtype)
