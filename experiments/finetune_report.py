@@ -140,6 +140,26 @@ def run_recipe(run: Path) -> dict:
             "bridge_dropped": dropped}
 
 
+SEEDS = (("dcdit_scratch", "dcdit_scratch_seed1"),
+         ("upcycled_bridge_thin_n4.4_count_distill", "upcycled_bridge_thin_n4.4_count_distill_seed1"))
+
+
+def seed_spread(root: Path) -> str:
+    """Two trainings (train.seed 0 and 1) of the same recipe side by side, where both were run."""
+    lines = []
+    for runs in SEEDS:
+        if not all((root / UP / r / METRICS_FILE).is_file() for r in runs):
+            continue
+        cells = []
+        for r in runs:
+            c, q = heldout_curve(root / UP / r), sample_quality(root / UP / r)
+            fid = f", fid_shapes {q['fid_shapes']:.1f}" if q else ""
+            cells.append(f"`{r}`: loss {float(c.heldout_loss.iloc[-1]):.4f} at step {int(c.step.iloc[-1])}{fid}")
+        lines.append("- " + "; ".join(cells))
+    return ("\nThe same recipe trained twice (train.seed 0 and 1), the spread between trainings:\n"
+            + "\n".join(lines) + "\n") if lines else ""
+
+
 def sample_quality(run: Path) -> dict[str, float]:
     """fid_shapes of the run's final EMA model, from ``dyncompute eval`` when it was run (else nothing)."""
     path = run / "eval" / "eval.json"
@@ -271,6 +291,8 @@ def upcycling_report(root: Path, out: Path) -> pd.DataFrame:
     dit_steps, scratch_steps = int(results.dit_source_steps.iloc[0]), int(results.scratch_steps.iloc[0])
     bar = float(results.scratch_final_heldout_loss.iloc[0])
     scratch_kept = kept_fractions(root / UP / "dcdit_scratch")
+    seeds = seed_spread(root)
+    seed_jobs = " ".join(r for pair in SEEDS for r in pair[1:])
     upcycled_steps = int(results.upcycled_steps_trained.max())
     jobs = " \\\n    ".join(UPCYCLED)
     atomic_write_text(f"""# Upcycling DC-DiT from DiT on the built-in data
@@ -311,6 +333,7 @@ from-scratch DC-DiT: {scratch_kept.get("kept_fraction_low_t", float("nan")):.3f}
 DDIM-50 samples against 256 held-out images, on the project's shapes classifier (`dyncompute eval RUN
 --samples 256 --sampler ddim --steps 50`; the from-scratch DC-DiT: {scratch_fid:.2f}; blank: not
 evaluated). These small models do not draw the shapes yet, so it tells models apart only coarsely.
+{seeds}
 
 {_table(results, cols)}
 
@@ -328,8 +351,9 @@ evaluation of every run). Commands (from the repository root):
 ```
 python experiments/finetune_study.py train --only dit dcdit_scratch \\
     {jobs} --jobs 2
+python experiments/finetune_study.py train --only {seed_jobs} --jobs 2
 for r in dcdit_scratch upcycled_bridge upcycled_bridge_thin upcycled_bridge_thin_distill; do
-    dyncompute eval runs/upcycling/$r --samples 256 --sampler ddim --steps 50; done
+    dyncompute eval runs/upcycling/$r --samples 256 --sampler ddim --steps 50; done  # and every other run
 python experiments/finetune_study.py report
 ```
 

@@ -103,6 +103,14 @@ JOBS = {  # name -> (run directory, dyncompute arguments, runs it starts from)
                                                   "tokenizers.dynamic_chunking.bridge_fade = 'count'", "-b",
                                                   "tokenizers.dynamic_chunking.bridge_dropped = 'scaffold'"],
                                                  ["dit"]),
+    # a second seed of the bar and of one dynamic recipe: how far apart do two trainings land?
+    "dcdit_scratch_seed1": (f"{UP}/dcdit_scratch_seed1",
+                            ["train", "experiments/upcycling/dcdit_scratch.gin", "-b", "train.seed = 1"], []),
+    "upcycled_bridge_thin_n4.4_count_distill_seed1": (
+        f"{UP}/upcycled_bridge_thin_n4.4_count_distill_seed1",
+        ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle_bridge_thin.gin", "-b",
+         "tokenizers.dynamic_chunking.target_ratio = 4.4", "-b", "tokenizers.dynamic_chunking.bridge_fade = 'count'",
+         "-b", "upcycling.distill_steps = 100", "-b", "train.seed = 1"], ["dit"]),
     "dit_dydit_0.7": (f"{DY}/dit_dydit_0.7", ["train", "experiments/dydit/dydit.gin", "-b",
                                               "reducers.dydit.target = 0.7"], ["dit"]),
     "dit_dydit_0.5": (f"{DY}/dit_dydit_0.5", ["train", "experiments/dydit/dydit.gin", "-b",
