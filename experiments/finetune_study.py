@@ -23,94 +23,59 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 UP, DY = "runs/upcycling", "runs/dydit"
 
-POS1 = ("-b", "tokenizers.dynamic_chunking.pos_scale = 1.0")
+def bound(*bindings: str) -> list[str]:
+    return [a for b in bindings for a in ("-b", b)]
+
+
+def upcycled(name: str, config: str, *bindings: str) -> tuple[str, list[str], list[str]]:
+    """A DC-DiT upcycled from the DiT/2 source with ``experiments/upcycling/<config>`` and extra bindings."""
+    return f"{UP}/{name}", ["upcycle", f"{UP}/dit", f"experiments/upcycling/{config}", *bound(*bindings)], ["dit"]
+
+
+POS1 = "tokenizers.dynamic_chunking.pos_scale = 1.0"
+THIN, N44 = "upcycle_bridge_thin.gin", "tokenizers.dynamic_chunking.target_ratio = 4.4"
+COUNT, D100 = "tokenizers.dynamic_chunking.bridge_fade = 'count'", "upcycling.distill_steps = 100"
+RECIPES = {  # upcycled run -> (config, bindings)
+    # pos_scale 1.0: the first upcycled runs, before tokens got the DiT's position code (upcycle.gin's 0.5)
+    "upcycled": ("upcycle.gin", POS1),
+    "upcycled_no_distill": ("upcycle_no_distill.gin", POS1),
+    "upcycled_no_distill_block_lr1": ("upcycle_no_distill.gin", "upcycling.block_lr_scale = 1.0", POS1),
+    "upcycled_block_lr1_distill_w0.1": ("upcycle.gin", "upcycling.block_lr_scale = 1.0",
+                                        "upcycling.distill_weight = 0.1", POS1),
+    "upcycled_pos": ("upcycle.gin",),
+    "upcycled_pos_no_distill": ("upcycle_no_distill.gin", "upcycling.block_lr_scale = 1.0"),
+    "upcycled_bridge": ("upcycle_bridge.gin",),
+    "upcycled_bridge_anneal": ("upcycle_bridge.gin", "upcycling.prior_steps = 100"),
+    "upcycled_bridge_anneal150": ("upcycle_bridge.gin", "upcycling.prior_steps = 150"),
+    "upcycled_bridge_all_anneal": ("upcycle_bridge.gin", "upcycling.prior_steps = 100",
+                                   "tokenizers.dynamic_chunking.bridge_start = 'all'"),
+    "upcycled_bridge_anneal_distill": ("upcycle_bridge.gin", "upcycling.prior_steps = 100", D100),
+    # the router thins the DiT's patch tokens (never adds one between them) once the prior has faded, towards
+    # N = 5 (a fifth of the pixels: 80% of the patches, less backbone work than the from-scratch N = 4)
+    "upcycled_bridge_thin": (THIN,),
+    "upcycled_bridge_thin_distill": (THIN, D100),
+    "upcycled_bridge_thin_anneal50": (THIN, "upcycling.prior_steps = 50"),
+    # N = 4.4: 91% of the patches (the N = 5 runs drop too many at low noise, where samples get their detail)
+    "upcycled_bridge_thin_n4.4": (THIN, N44),
+    "upcycled_bridge_thin_n4.4_distill": (THIN, N44, D100),
+    # distillation through all 200 steps: the DiT's block outputs anchor the backbone while the router thins
+    "upcycled_bridge_thin_n4.4_distill200": (THIN, N44, "upcycling.distill_steps = 200"),
+    "upcycled_bridge_thin_distill200": (THIN, "upcycling.distill_steps = 200"),
+    # the prior fades in numbers: the dropped share of the patches grows linearly over the 100 steps
+    "upcycled_bridge_thin_n4.4_count": (THIN, N44, COUNT),
+    "upcycled_bridge_thin_n4.4_count_distill": (THIN, N44, COUNT, D100),
+    # dropped patches predicted by the scaffold's decoder alone (not the DiT's prediction of a neighbour)
+    "upcycled_bridge_thin_n4.4_count_scaffold": (THIN, N44, COUNT,
+                                                 "tokenizers.dynamic_chunking.bridge_dropped = 'scaffold'"),
+    # a second seed of one dynamic recipe (and of the bar below): how far apart do two trainings land?
+    "upcycled_bridge_thin_n4.4_count_distill_seed1": (THIN, N44, COUNT, D100, "train.seed = 1"),
+}
 JOBS = {  # name -> (run directory, dyncompute arguments, runs it starts from)
     "dit": (f"{UP}/dit", ["train", "experiments/upcycling/dit.gin"], []),
     "dcdit_scratch": (f"{UP}/dcdit_scratch", ["train", "experiments/upcycling/dcdit_scratch.gin"], []),
-    # pos_scale 1.0: the first upcycled runs, before tokens got the DiT's position code (upcycle.gin's 0.5)
-    "upcycled": (f"{UP}/upcycled", ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle.gin", *POS1], ["dit"]),
-    "upcycled_no_distill": (f"{UP}/upcycled_no_distill",
-                            ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle_no_distill.gin", *POS1], ["dit"]),
-    "upcycled_no_distill_block_lr1": (f"{UP}/upcycled_no_distill_block_lr1",
-                                      ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle_no_distill.gin",
-                                       "-b", "upcycling.block_lr_scale = 1.0", *POS1], ["dit"]),
-    "upcycled_block_lr1_distill_w0.1": (f"{UP}/upcycled_block_lr1_distill_w0.1",
-                                        ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle.gin", "-b",
-                                         "upcycling.block_lr_scale = 1.0", "-b", "upcycling.distill_weight = 0.1",
-                                         *POS1], ["dit"]),
-    "upcycled_pos": (f"{UP}/upcycled_pos", ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle.gin"], ["dit"]),
-    "upcycled_pos_no_distill": (f"{UP}/upcycled_pos_no_distill",
-                                ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle_no_distill.gin", "-b",
-                                 "upcycling.block_lr_scale = 1.0"], ["dit"]),
-    "upcycled_bridge": (f"{UP}/upcycled_bridge", ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle_bridge.gin"],
-                        ["dit"]),
-    "upcycled_bridge_anneal": (f"{UP}/upcycled_bridge_anneal",
-                               ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle_bridge.gin", "-b",
-                                "upcycling.prior_steps = 100"], ["dit"]),
-    "upcycled_bridge_anneal150": (f"{UP}/upcycled_bridge_anneal150",
-                                  ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle_bridge.gin", "-b",
-                                   "upcycling.prior_steps = 150"], ["dit"]),
-    "upcycled_bridge_all_anneal": (f"{UP}/upcycled_bridge_all_anneal",
-                                   ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle_bridge.gin", "-b",
-                                    "upcycling.prior_steps = 100", "-b",
-                                    "tokenizers.dynamic_chunking.bridge_start = 'all'"], ["dit"]),
-    "upcycled_bridge_anneal_distill": (f"{UP}/upcycled_bridge_anneal_distill",
-                                       ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle_bridge.gin", "-b",
-                                        "upcycling.prior_steps = 100", "-b", "upcycling.distill_steps = 100"],
-                                       ["dit"]),
-    # the router thins the DiT's patch tokens (never adds one between them) once the prior has faded, towards
-    # N = 5 (a fifth of the pixels: 80% of the patches, less backbone work than the from-scratch N = 4)
-    "upcycled_bridge_thin": (f"{UP}/upcycled_bridge_thin",
-                             ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle_bridge_thin.gin"], ["dit"]),
-    "upcycled_bridge_thin_distill": (f"{UP}/upcycled_bridge_thin_distill",
-                                     ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle_bridge_thin.gin", "-b",
-                                      "upcycling.distill_steps = 100"], ["dit"]),
-    "upcycled_bridge_thin_anneal50": (f"{UP}/upcycled_bridge_thin_anneal50",
-                                      ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle_bridge_thin.gin", "-b",
-                                       "upcycling.prior_steps = 50"], ["dit"]),
-    # N = 4.4: 91% of the patches (the N = 5 runs drop too many at low noise, where samples get their detail)
-    "upcycled_bridge_thin_n4.4": (f"{UP}/upcycled_bridge_thin_n4.4",
-                                  ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle_bridge_thin.gin", "-b",
-                                   "tokenizers.dynamic_chunking.target_ratio = 4.4"], ["dit"]),
-    "upcycled_bridge_thin_n4.4_distill": (f"{UP}/upcycled_bridge_thin_n4.4_distill",
-                                          ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle_bridge_thin.gin",
-                                           "-b", "tokenizers.dynamic_chunking.target_ratio = 4.4", "-b",
-                                           "upcycling.distill_steps = 100"], ["dit"]),
-    # distillation through all 200 steps: the DiT's block outputs anchor the backbone while the router thins
-    "upcycled_bridge_thin_n4.4_distill200": (f"{UP}/upcycled_bridge_thin_n4.4_distill200",
-                                             ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle_bridge_thin.gin",
-                                              "-b", "tokenizers.dynamic_chunking.target_ratio = 4.4", "-b",
-                                              "upcycling.distill_steps = 200"], ["dit"]),
-    "upcycled_bridge_thin_distill200": (f"{UP}/upcycled_bridge_thin_distill200",
-                                        ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle_bridge_thin.gin",
-                                         "-b", "upcycling.distill_steps = 200"], ["dit"]),
-    # the prior fades in numbers: the dropped share of the patches grows linearly over the 100 steps
-    "upcycled_bridge_thin_n4.4_count": (f"{UP}/upcycled_bridge_thin_n4.4_count",
-                                        ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle_bridge_thin.gin",
-                                         "-b", "tokenizers.dynamic_chunking.target_ratio = 4.4", "-b",
-                                         "tokenizers.dynamic_chunking.bridge_fade = 'count'"], ["dit"]),
-    "upcycled_bridge_thin_n4.4_count_distill": (f"{UP}/upcycled_bridge_thin_n4.4_count_distill",
-                                                ["upcycle", f"{UP}/dit",
-                                                 "experiments/upcycling/upcycle_bridge_thin.gin",
-                                                 "-b", "tokenizers.dynamic_chunking.target_ratio = 4.4", "-b",
-                                                 "tokenizers.dynamic_chunking.bridge_fade = 'count'", "-b",
-                                                 "upcycling.distill_steps = 100"], ["dit"]),
-    # dropped patches predicted by the scaffold's decoder alone (not the DiT's prediction of a neighbour)
-    "upcycled_bridge_thin_n4.4_count_scaffold": (f"{UP}/upcycled_bridge_thin_n4.4_count_scaffold",
-                                                 ["upcycle", f"{UP}/dit",
-                                                  "experiments/upcycling/upcycle_bridge_thin.gin",
-                                                  "-b", "tokenizers.dynamic_chunking.target_ratio = 4.4", "-b",
-                                                  "tokenizers.dynamic_chunking.bridge_fade = 'count'", "-b",
-                                                  "tokenizers.dynamic_chunking.bridge_dropped = 'scaffold'"],
-                                                 ["dit"]),
-    # a second seed of the bar and of one dynamic recipe: how far apart do two trainings land?
     "dcdit_scratch_seed1": (f"{UP}/dcdit_scratch_seed1",
-                            ["train", "experiments/upcycling/dcdit_scratch.gin", "-b", "train.seed = 1"], []),
-    "upcycled_bridge_thin_n4.4_count_distill_seed1": (
-        f"{UP}/upcycled_bridge_thin_n4.4_count_distill_seed1",
-        ["upcycle", f"{UP}/dit", "experiments/upcycling/upcycle_bridge_thin.gin", "-b",
-         "tokenizers.dynamic_chunking.target_ratio = 4.4", "-b", "tokenizers.dynamic_chunking.bridge_fade = 'count'",
-         "-b", "upcycling.distill_steps = 100", "-b", "train.seed = 1"], ["dit"]),
+                            ["train", "experiments/upcycling/dcdit_scratch.gin", *bound("train.seed = 1")], []),
+    **{name: upcycled(name, *recipe) for name, recipe in RECIPES.items()},
     "dit_dydit_0.7": (f"{DY}/dit_dydit_0.7", ["train", "experiments/dydit/dydit.gin", "-b",
                                               "reducers.dydit.target = 0.7"], ["dit"]),
     "dit_dydit_0.5": (f"{DY}/dit_dydit_0.5", ["train", "experiments/dydit/dydit.gin", "-b",

@@ -49,8 +49,8 @@ def evaluate_run(run_dir, num_samples: int = 256, sampler: str = "ddpm", steps: 
     if not (run_dir / "config.gin").is_file():
         raise FileNotFoundError(f"not a run directory (no config.gin): {run_dir}")
     with scoped([run_dir / "config.gin"], bindings, skip_unknown=RUN_CONFIGURABLES):
-        dataset = _train_setting(run_dir, bindings, "train.dataset", "procedural")
-        kind = _train_setting(run_dir, bindings, "train.objective", "gaussian")
+        trained = _train_settings(run_dir, bindings)
+        dataset, kind = trained.get("dataset", "procedural"), trained.get("objective", "gaussian")
         reference = heldout_dataset(dataset, max(num_samples, heldout))
         second = heldout_dataset(dataset, num_samples, SECOND_SEED)
         extractors = [FEATURE_EXTRACTORS.build(name, dataset=reference) for name in features]
@@ -80,11 +80,18 @@ def _model_and_samples(run_dir: Path, weights: str, **generate_kwargs):
     return model, generate(model, clip_denoised=True, objective=run_objective(run_dir), **generate_kwargs)
 
 
-def _train_setting(run_dir: Path, bindings, key: str, default):
-    """A training setting of the run, read from its config text: evaluating must not need the trainer (or
-    an extension such as upcycling) registered with gin, and a fresh `dyncompute eval` process has neither."""
-    value = bindings_of("\n".join([(run_dir / "config.gin").read_text(), *bindings])).get(key)
-    return default if value is None else ast.literal_eval(value)
+def _train_settings(run_dir: Path, bindings) -> dict:
+    """The run's ``train.*`` settings, read from its config text: evaluating must not need the trainer (or
+    an extension such as upcycling) registered with gin, and a fresh `dyncompute eval` process has neither.
+    Only literal values (the dataset's and objective's names) are kept."""
+    out = {}
+    for key, value in bindings_of("\n".join([(run_dir / "config.gin").read_text(), *bindings])).items():
+        if key.startswith("train."):
+            try:
+                out[key[len("train."):]] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):  # a reference such as @upcycling()
+                pass
+    return out
 
 
 def _write(out: Path, result: dict, images, model, objective, reference, seed: int) -> None:

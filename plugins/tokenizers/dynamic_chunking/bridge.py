@@ -70,6 +70,7 @@ class DiTBridge(nn.Module):
         self.register_buffer("prior_scale", torch.ones(()))  # saved: a resumed or loaded run keeps its scale
         rows, cols = torch.meshgrid(torch.arange(input_size), torch.arange(input_size), indexing="ij")
         self.register_buffer("place", ((rows % P) * P + cols % P).reshape(-1), persistent=False)  # (L,)
+        self.register_buffer("first", self.place == 0, persistent=False)  # (L,) the patches' first pixels
         first = (rows - rows % P) * input_size + cols - cols % P
         self.register_buffer("patch_first", first.reshape(-1), persistent=False)  # (L,) its patch's first pixel
 
@@ -92,24 +93,22 @@ class DiTBridge(nn.Module):
         if self.fade == "count":
             return self._count_faded(p)
         q = torch.sigmoid(torch.logit(p, eps=1e-6) + self.prior_scale * self.place_prior[self.place])
-        return q if self.places == "any" else q * (self.place == 0)
+        return q if self.places == "any" else q * self.first
 
     def _count_faded(self, p: torch.Tensor) -> torch.Tensor:
         """``fade="count"``: of the patches the router would drop, only the (1 - prior_scale) share with the
         lowest probabilities are dropped, so the number dropped grows linearly while the prior fades
         (instead of flipping together when the prior crosses the router's logits)."""
-        first = (self.place == 0).expand_as(p)
-        wanted = first & (p <= 0.5)
+        wanted = self.first & (p <= 0.5)
         allowed = ((1 - self.prior_scale) * wanted.sum(1, keepdim=True)).floor()
         rank = p.masked_fill(~wanted, float("inf")).argsort(dim=1, stable=True).argsort(dim=1, stable=True)
-        drop = wanted & (rank < allowed)
-        return torch.where(first & ~drop, torch.ones_like(p), torch.where(drop, p, torch.zeros_like(p)))
+        return (self.first & ~(wanted & (rank < allowed))).to(p.dtype)  # 1: kept, 0: dropped
 
     def ratio_view(self, p: torch.Tensor, target_ratio: float) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(p, decisions, N) for the ratio loss when the router thins patches: its own probabilities and
         decisions at the patches' first pixels, towards ``target_ratio`` pixels per token, i.e. a
         ``P**2 / target_ratio`` share of the patches."""
-        q = p[:, self.place == 0]
+        q = p[:, self.first]
         return q, q > 0.5, target_ratio / self.patch_size ** 2
 
     def head(self, z: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
