@@ -8,6 +8,7 @@ fvcore on what ran (`dyncompute.trajectory`); FLOPs = 2 x MACs.
 """
 from __future__ import annotations
 
+import ast
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -81,40 +82,28 @@ def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:
 
 # --------------------------------------------------------------------------- upcycling
 
-UPCYCLED = {  # run -> recipe: distillation weight (0: none), copied blocks' lr scale, position code scale,
-    # DiT bridge (bridge.py; 0: none), the steps its patch-grid prior anneals over (0: kept), where the router
-    # may keep tokens once it has ("any" pixel, or only the patches' first: "grid", thinning), target N, label
-    "upcycled": (1.0, 0.1, 1.0, 0, 0, "", 4, "paper recipe: + distillation, blocks at 0.1 lr"),
-    "upcycled_no_distill": (0.0, 0.1, 1.0, 0, 0, "", 4, "paper recipe: no distillation, blocks at 0.1 lr"),
-    "upcycled_no_distill_block_lr1": (0.0, 1.0, 1.0, 0, 0, "", 4, "paper recipe: no distillation, blocks at full lr"),
-    "upcycled_block_lr1_distill_w0.1": (0.1, 1.0, 1.0, 0, 0, "", 4,
-                                        "paper recipe: + distillation x0.1, blocks at full lr"),
-    "upcycled_pos": (1.0, 0.1, 0.5, 0, 0, "", 4, "+ DiT position code: + distillation, blocks at 0.1 lr"),
-    "upcycled_pos_no_distill": (0.0, 1.0, 0.5, 0, 0, "", 4, "+ DiT position code: no distillation, full lr"),
-    "upcycled_bridge": (0.0, 1.0, 1.0, 2, 0, "any", 4, "DiT bridge, patch-grid prior kept"),
-    "upcycled_bridge_anneal": (0.0, 1.0, 1.0, 2, 100, "any", 4, "DiT bridge, prior annealed over 100 steps"),
-    "upcycled_bridge_anneal150": (0.0, 1.0, 1.0, 2, 150, "any", 4, "DiT bridge, prior annealed over 150 steps"),
-    "upcycled_bridge_anneal_distill": (1.0, 1.0, 1.0, 2, 100, "any", 4, "DiT bridge, prior annealed + distillation"),
-    "upcycled_bridge_all_anneal": (0.0, 1.0, 1.0, 2, 100, "any", 4,
-                                   "DiT bridge from every pixel kept, prior annealed"),
-    "upcycled_bridge_thin": (0.0, 1.0, 1.0, 2, 100, "grid", 5, "thins (N=5)"),
-    "upcycled_bridge_thin_distill": (1.0, 1.0, 1.0, 2, 100, "grid", 5,
-                                     "thins (N=5) + distillation"),
-    "upcycled_bridge_thin_anneal50": (0.0, 1.0, 1.0, 2, 50, "grid", 5,
-                                      "thins (N=5), prior over 50 steps"),
-    "upcycled_bridge_thin_n4.4": (0.0, 1.0, 1.0, 2, 100, "grid", 4.4, "thins (N=4.4)"),
-    "upcycled_bridge_thin_n4.4_distill": (1.0, 1.0, 1.0, 2, 100, "grid", 4.4,
-                                          "thins (N=4.4) + distillation"),
-    "upcycled_bridge_thin_distill200": (1.0, 1.0, 1.0, 2, 100, "grid", 5,
-                                        "thins (N=5) + distillation all 200 steps"),
-    "upcycled_bridge_thin_n4.4_distill200": (1.0, 1.0, 1.0, 2, 100, "grid", 4.4,
-                                             "thins (N=4.4) + distillation all 200 steps"),
-    "upcycled_bridge_thin_n4.4_count": (0.0, 1.0, 1.0, 2, 100, "grid", 4.4,
-                                        "thins (N=4.4), faded by count"),
-    "upcycled_bridge_thin_n4.4_count_distill": (1.0, 1.0, 1.0, 2, 100, "grid", 4.4,
-                                                "thins (N=4.4), faded by count + distillation"),
-    "upcycled_bridge_thin_n4.4_count_scaffold": (0.0, 1.0, 1.0, 2, 100, "grid", 4.4,
-                                                 "thins (N=4.4), faded by count, scaffold fills dropped"),
+UPCYCLED = {  # run -> figure label; each run's recipe is read from its config (`run_recipe`)
+    "upcycled": "paper recipe: + distillation, blocks at 0.1 lr",
+    "upcycled_no_distill": "paper recipe: no distillation, blocks at 0.1 lr",
+    "upcycled_no_distill_block_lr1": "paper recipe: no distillation, blocks at full lr",
+    "upcycled_block_lr1_distill_w0.1": "paper recipe: + distillation x0.1, blocks at full lr",
+    "upcycled_pos": "+ DiT position code: + distillation, blocks at 0.1 lr",
+    "upcycled_pos_no_distill": "+ DiT position code: no distillation, full lr",
+    "upcycled_bridge": "DiT bridge, patch-grid prior kept",
+    "upcycled_bridge_anneal": "DiT bridge, prior annealed over 100 steps",
+    "upcycled_bridge_anneal150": "DiT bridge, prior annealed over 150 steps",
+    "upcycled_bridge_anneal_distill": "DiT bridge, prior annealed + distillation",
+    "upcycled_bridge_all_anneal": "DiT bridge from every pixel kept, prior annealed",
+    "upcycled_bridge_thin": "thins (N=5)",
+    "upcycled_bridge_thin_distill": "thins (N=5) + distillation",
+    "upcycled_bridge_thin_anneal50": "thins (N=5), prior over 50 steps",
+    "upcycled_bridge_thin_n4.4": "thins (N=4.4)",
+    "upcycled_bridge_thin_n4.4_distill": "thins (N=4.4) + distillation",
+    "upcycled_bridge_thin_distill200": "thins (N=5) + distillation all 200 steps",
+    "upcycled_bridge_thin_n4.4_distill200": "thins (N=4.4) + distillation all 200 steps",
+    "upcycled_bridge_thin_n4.4_count": "thins (N=4.4), faded by count",
+    "upcycled_bridge_thin_n4.4_count_distill": "thins (N=4.4), faded by count + distillation",
+    "upcycled_bridge_thin_n4.4_count_scaffold": "thins (N=4.4), faded by count, scaffold fills dropped",
 }
 
 
@@ -129,15 +118,35 @@ def kept_fractions(run: Path) -> dict[str, float]:
     return {"kept_fraction_low_t": float(last[lo]), "kept_fraction_high_t": float(last[hi])}
 
 
+RECIPE = ("distillation_weight", "block_lr_scale", "pos_scale", "dit_bridge", "bridge_start", "prior_steps",
+          "bridge_places", "target_ratio")  # the recipe columns first in results.csv; the rest of run_recipe last
+
+
 def run_recipe(run: Path) -> dict:
-    """What the run's config says of the distillation's length, how the bridge's prior faded and what
-    predicts a dropped patch."""
-    bound = bindings_of((run / CONFIG_FILE).read_text())
-    bridged = "dynamic_chunking.dit_bridge" in bound
-    fade = bound.get("dynamic_chunking.bridge_fade", "'logit'").strip("'") if bridged else ""
-    dropped = bound.get("dynamic_chunking.bridge_dropped", "'neighbour'").strip("'") if bridged else ""
-    return {"distill_steps": int(bound.get("upcycling.distill_steps", "0")), "bridge_fade": fade,
-            "bridge_dropped": dropped}
+    """An upcycled run's recipe, from its config (defaults where it binds nothing): distillation weight
+    (0: no distillation) and steps, the copied blocks' lr scale, position code scale, DiT bridge (bridge.py;
+    0: none) with its start, prior anneal steps (0: kept), fade, where the router may keep tokens ("any"
+    pixel, or only the patches' first: "grid") and what fills a dropped patch, and the target N."""
+    bound = {k: ast.literal_eval(v) for k, v in bindings_of((run / CONFIG_FILE).read_text()).items()
+             if k.startswith(("dynamic_chunking.", "upcycling."))}
+
+    def get(key, default):
+        return bound.get(key, default)
+
+    bridge, steps = get("dynamic_chunking.dit_bridge", 0), get("upcycling.distill_steps", 0)
+    return {
+        "distillation_weight": float(get("upcycling.distill_weight", 1.0)) if steps else 0.0,
+        "block_lr_scale": float(get("upcycling.block_lr_scale", 1.0)),
+        "pos_scale": float(get("dynamic_chunking.pos_scale", 1.0)),
+        "dit_bridge": bridge,
+        "bridge_start": get("dynamic_chunking.bridge_start", "grid") if bridge else "",
+        "prior_steps": get("upcycling.prior_steps", 0),
+        "bridge_places": get("dynamic_chunking.bridge_places", "any") if bridge else "",
+        "target_ratio": float(get("dynamic_chunking.target_ratio", 4.0)),
+        "distill_steps": steps,
+        "bridge_fade": get("dynamic_chunking.bridge_fade", "logit") if bridge else "",
+        "bridge_dropped": get("dynamic_chunking.bridge_dropped", "neighbour") if bridge else "",
+    }
 
 
 SEEDS = (("dcdit_scratch", "dcdit_scratch_seed1"),
@@ -193,13 +202,11 @@ def upcycling_results(root: Path) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]
     scratch = curves["dcdit_scratch"]
     scratch_steps, bar = int(scratch.step.iloc[-1]), float(scratch.heldout_loss.iloc[-1])
     rows = []
-    for name, (distill, block_lr, pos_scale, bridge, prior_steps, places, N, _) in UPCYCLED.items():
-        c = curves[name]
+    for name in UPCYCLED:
+        c, recipe = curves[name], run_recipe(root / UP / name)
         steps = _stays_below(c, bar)
         rows.append({
-            "run": name, "distillation_weight": distill, "block_lr_scale": block_lr, "pos_scale": pos_scale,
-            "dit_bridge": bridge, "bridge_start": ("all" if "bridge_all" in name else "grid") if bridge else "",
-            "prior_steps": prior_steps, "bridge_places": places, "target_ratio": N, "scratch_steps": scratch_steps,
+            "run": name, **{k: recipe.pop(k) for k in RECIPE}, "scratch_steps": scratch_steps,
             "scratch_final_heldout_loss": bar, "upcycled_steps_trained": int(c.step.iloc[-1]),
             "steps_to_reach_scratch_final": steps, "steps_ratio": steps / scratch_steps,
             "upcycled_heldout_loss_at_quarter": _at(c, scratch_steps / 4),
@@ -208,7 +215,7 @@ def upcycling_results(root: Path) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]
             "scratch_steps_to_reach_upcycled_final": _first_below(scratch, float(c.heldout_loss.iloc[-1])),
             "dit_source_steps": int(curves["dit"].step.iloc[-1]),
             "dit_source_final_heldout_loss": float(curves["dit"].heldout_loss.iloc[-1]),
-            **kept_fractions(root / UP / name), **sample_quality(root / UP / name), **run_recipe(root / UP / name),
+            **kept_fractions(root / UP / name), **sample_quality(root / UP / name), **recipe,
         })
     return pd.DataFrame(rows), curves
 
@@ -219,9 +226,10 @@ RUN_COLORS = [plt.cm.tab10(i) for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)] + [plt.cm.ta
 def upcycling_figure(curves: dict[str, pd.DataFrame], results: pd.DataFrame, path: Path) -> None:
     """Two panels over the same references: the paper's recipe (with and without the DiT's position code)
     and the DiT bridge (this project's extension)."""
-    panels = (("The paper's recipe (blocks + embedders copied)", [n for n in UPCYCLED if not UPCYCLED[n][3]]),
-              ("DiT bridge, router free to keep any pixel", [n for n in UPCYCLED if UPCYCLED[n][5] == "any"]),
-              ("DiT bridge, router thins the DiT's patch tokens", [n for n in UPCYCLED if UPCYCLED[n][5] == "grid"]))
+    places = dict(zip(results.run, results.bridge_places))
+    panels = (("The paper's recipe (blocks + embedders copied)", [n for n in UPCYCLED if not places[n]]),
+              ("DiT bridge, router free to keep any pixel", [n for n in UPCYCLED if places[n] == "any"]),
+              ("DiT bridge, router thins the DiT's patch tokens", [n for n in UPCYCLED if places[n] == "grid"]))
     fig, axes = plt.subplots(1, 3, figsize=(19, 7), sharey=True)
     bar, steps = results.scratch_final_heldout_loss.iloc[0], results.scratch_steps.iloc[0]
     for ax, (title, names) in zip(axes, panels):
@@ -230,7 +238,7 @@ def upcycling_figure(curves: dict[str, pd.DataFrame], results: pd.DataFrame, pat
         ax.plot(curves["dcdit_scratch"].step, curves["dcdit_scratch"].heldout_loss, color="black", marker=".",
                 ms=4, label="DC-DiT N=4 from scratch")
         for i, name in enumerate(names):
-            ax.plot(curves[name].step, curves[name].heldout_loss, marker=".", ms=4, label=UPCYCLED[name][-1],
+            ax.plot(curves[name].step, curves[name].heldout_loss, marker=".", ms=4, label=UPCYCLED[name],
                     color=RUN_COLORS[i % len(RUN_COLORS)])
         ax.axhline(bar, color="black", ls="--", lw=1, label=f"from-scratch DC-DiT final ({steps} steps)")
         ax.axvline(steps / 4, color="black", ls=":", lw=1, label="1/4 of the from-scratch steps")
