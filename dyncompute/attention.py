@@ -1,8 +1,9 @@
 """Self-attention over packed `Tokens`.
 
 Dispatch (DESIGN.md): equal-length tokens take one fused SDPA call on (B, H, L, d); variable-length
-tokens use flash-attn's varlen kernel when it is installed on CUDA (half precision); on CUDA without it,
-torch's own variable-length kernels through jagged nested tensors (one call); on the CPU, grouped SDPA:
+tokens use a FlashAttention varlen kernel on CUDA in half precision (flash-attn's when it is installed, else
+torch's own ``torch.nn.attention.varlen.varlen_attn``, torch >= 2.10); on CUDA otherwise, torch's
+variable-length kernels through jagged nested tensors (one call); on the CPU, grouped SDPA:
 one call per run of consecutive equal-length samples (a zero-copy view), and, where that saves more
 calls than it costs copies, samples of equal length are first permuted next to each other. Distinct
 lengths still cost one call each on the CPU: there, padded+masked SDPA cost ~2x and nested tensors
@@ -19,6 +20,8 @@ The bias is elementwise (0 MACs); the biased path is grouped SDPA with the bias 
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from collections import defaultdict
 
 import torch
@@ -29,29 +32,48 @@ from . import width
 from .linear import linear
 from .tokens import Tokens
 
-try:  # optional CUDA kernel
+try:  # optional CUDA kernels
     from flash_attn import flash_attn_varlen_func
 except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_varlen_func = None
+try:
+    from torch.nn.attention.varlen import varlen_attn as torch_varlen_attn
+except ImportError:  # pragma: no cover - torch < 2.10
+    torch_varlen_attn = None
 
 PERMUTE_COPIES = 4  # kernels a permutation costs: gather q, k, v, scatter the output
+# The CUDA half-precision varlen kernel; None: nested SDPA. DYNCOMPUTE_VARLEN=nested picks nested SDPA (e.g.
+# where torch's varlen kernel has no backward), =torch torch's kernel even when flash-attn is installed.
+VARLEN = {"kernel": {"nested": None, "torch": torch_varlen_attn}.get(os.environ.get("DYNCOMPUTE_VARLEN", ""),
+                                                                    flash_attn_varlen_func or torch_varlen_attn)}
+
+
+@contextlib.contextmanager
+def varlen_kernel(kernel):
+    """Use ``kernel`` (a flash-attn style varlen function, or None for nested SDPA) inside the block: the
+    FLOP count traces the per-sample path, and benches compare kernels."""
+    was, VARLEN["kernel"] = VARLEN["kernel"], kernel
+    try:
+        yield
+    finally:
+        VARLEN["kernel"] = was
 
 
 def use_flash(q: torch.Tensor) -> bool:
-    return flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    return VARLEN["kernel"] is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: Tokens,
                      key_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Attention within each sample of packed q, k, v (T, H, d); ``key_bias`` (T,) is added to every
     key's logit; returns (T, H, d)."""
-    if key_bias is not None:  # grouped on every device: flash-attn's and the nested kernels take no bias
+    if key_bias is not None:  # grouped on every device: the varlen and nested kernels take no bias
         return grouped_sdpa(q, k, v, tokens.lengths, key_bias)
-    if use_flash(q):
-        cu = tokens.cu_seqlens.to(torch.int32)
-        return flash_attn_varlen_func(q, k, v, cu, cu, tokens.max_len, tokens.max_len)
     if torch.compiler.is_compiling():
         return torch.ops.dyncompute.grouped_sdpa(q, k, v, tokens.host_lengths)
+    if use_flash(q):
+        cu = tokens.cu_seqlens.to(torch.int32)
+        return VARLEN["kernel"](q, k, v, cu, cu, tokens.max_len, tokens.max_len)
     if q.is_cuda:
         return nested_sdpa(q, k, v, tokens)
     return grouped_sdpa(q, k, v, tokens.lengths)

@@ -119,6 +119,9 @@ def bench(args) -> None:
         raise UserError("bench --device cuda: no CUDA device is available")
     DEVICE["name"] = args.device
     df = run_cases(args.cases or None, args.warmup, args.repeats, args.out, args.threads, parse_case_args(args.arg))
+    if df.empty:
+        print("no pairs to time on this device (e.g. a CUDA-only comparison on the CPU)")
+        return
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(df.drop(columns=["target"]).round(3).to_string(index=False))
     print(f"wrote {args.out}")

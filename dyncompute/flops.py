@@ -225,15 +225,13 @@ class _CallBackbone(nn.Module):
 def counting(model: nn.Module):
     """Eval mode, no grad, eager (a compiled model is traced as written), and the per-sample
     attention path (counted on real lengths)."""
-    was_training, flash = model.training, attention.flash_attn_varlen_func
-    attention.flash_attn_varlen_func = None
+    was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), warnings.catch_warnings(), plain_modules(model):
+        with torch.no_grad(), warnings.catch_warnings(), plain_modules(model), attention.varlen_kernel(None):
             warnings.simplefilter("ignore")
             yield
     finally:
-        attention.flash_attn_varlen_func = flash
         model.train(was_training)
 
 
@@ -336,15 +334,10 @@ def count_macs(fn, *inputs, owner: nn.Module | None = None) -> int:
     """Exact MACs of ``fn(*inputs)`` by the conventions of this module (reducers count their own
     arithmetic with it); an operator without a handle is an error here, never a silent zero."""
     module = _Fn(fn, owner)
-    with torch.no_grad(), warnings.catch_warnings(), plain_modules(owner or module):
+    with torch.no_grad(), warnings.catch_warnings(), plain_modules(owner or module), attention.varlen_kernel(None):
         warnings.simplefilter("ignore")
-        was = attention.flash_attn_varlen_func
-        attention.flash_attn_varlen_func = None
-        try:
-            fa = _analysis(module, inputs, module)
-            total, unsupported = int(fa.total()), fa.unsupported_ops()
-        finally:
-            attention.flash_attn_varlen_func = was
+        fa = _analysis(module, inputs, module)
+        total, unsupported = int(fa.total()), fa.unsupported_ops()
     if unsupported:
         raise ValueError(f"operators without a MAC handle in a counted function: {dict(unsupported)}")
     return total

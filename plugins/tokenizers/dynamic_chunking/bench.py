@@ -8,6 +8,8 @@ when a GPU is present, with flash-attn's varlen kernel where it is installed):
 - ``dcdit_vs_dit_busy``: the same beside one busy process, where every extra kernel pays a wait.
 - ``dcdit_vs_dit_train``: training steps, DC-DiT-S vs DiT-S/2: throughput per MAC >= 0.95 of DiT's.
 - ``dcdit_compile``: the compiled path (dynamic shapes) vs eager, DC-DiT-S training step and forward.
+- ``dcdit_varlen_kernel``: on CUDA, the FlashAttention varlen kernel vs nested-tensor SDPA, DC-DiT-S
+  training step and forward, one model.
 The harness reports both sides' kernels per call and peak memory.
 
     dyncompute bench dcdit_packed_backbone dcdit_vs_dit dcdit_vs_dit_busy
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from dyncompute import attention
 from dyncompute.backbone import Backbone
 from dyncompute.bench import (
     BenchPair,
@@ -26,6 +29,7 @@ from dyncompute.bench import (
     compile_pairs,
     counted_flops,
     dit_model,
+    fill_zero_parameters,
     forward,
     forward_macs,
     register_case,
@@ -90,6 +94,7 @@ def dcdit_model(N: float = 4.0, batch: int = BATCH, compile: bool = False) -> Di
                           target_ratio=N)
     model = DiffusionTransformer(tokenizer=tok, input_size=32, in_channels=4, num_classes=1000, compile=compile,
                                  **SIZE).to(bench_device())
+    fill_zero_parameters(model)  # as after training: no adaLN-Zero gate or output layer left at exactly 0
     calibrate_router(model, *bench_batch(model, batch), 1 / N)
     return model
 
@@ -139,6 +144,32 @@ def dcdit_compile_case(batch: int = BATCH, N: float = 4.0) -> list[BenchPair]:
     compiled = dcdit_model(N, batch, compile=True)
     compiled.load_state_dict(eager.state_dict())
     return compile_pairs("dcdit_compile", f"DC-DiT-S N={N:g}", compiled, eager, batch)
+
+
+@register_case("dcdit_varlen_kernel")
+def dcdit_varlen_kernel_case(batch: int = BATCH, N: float = 4.0) -> list[BenchPair]:
+    """The CUDA varlen kernel in use (`attention.VARLEN`) against nested-tensor SDPA on one DC-DiT-S."""
+    kernel = attention.VARLEN["kernel"]
+    if kernel is None or bench_device().type != "cuda":
+        return []  # nothing to compare: no varlen kernel, or on the CPU (grouped SDPA either way)
+    model = dcdit_model(N, batch)
+    x, t, y = bench_batch(model, batch)
+    macs = train_macs(model, x, t, y)
+
+    def using(k, fn):
+        def run():
+            with attention.varlen_kernel(k):
+                return fn()
+        return run
+
+    name = f"{kernel.__module__}.{kernel.__name__}"
+    pairs = []
+    cases = (("train step", train_step(model, x, t, y), macs), ("fwd", forward(model, x, t, y), macs / 3))
+    for what, fn, m in cases:
+        pairs.append(BenchPair("dcdit_varlen_kernel",
+                               Timed(f"DC-DiT-S {what} {name} (B={batch})", using(kernel, fn), m),
+                               Timed(f"DC-DiT-S {what} nested SDPA (B={batch})", using(None, fn), m)))
+    return pairs
 
 
 def main(repeats: int = 5) -> None:
