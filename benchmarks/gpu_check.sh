@@ -20,6 +20,7 @@ REPEATS=${REPEATS:-10}
 OUT=${OUT:-/tmp/dyncompute_gpu_check}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu BATCH=2 REPEATS=1 checks the plumbing without a GPU
 PEERS=${1:-}
+STAGES=${STAGES:-throughput peers compile_dit roofline compile_dcdit}  # a subset reruns only those
 mkdir -p "$OUT"
 
 if compgen -G ".whl/*.whl" >/dev/null; then  # dependencies from .whl/; the project editable (else its wheel)
@@ -45,7 +46,7 @@ device = sys.argv[1]
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, device "
       f"{torch.cuda.get_device_name(0) if device == 'cuda' else 'CPU'}")
 kernel = attention.VARLEN["kernel"]
-print(f"varlen kernel: {None if kernel is None else kernel.__module__ + '.' + kernel.__name__}")
+print(f"varlen kernel: {kernel.__module__ + '.' + kernel.__name__ if callable(kernel) else kernel}")
 lengths = [64, 17, 100, 64, 3, 250]
 g = torch.Generator().manual_seed(0)
 q, k, v = (torch.randn(sum(lengths), 6, 64, generator=g, dtype=torch.float64) for _ in range(3))
@@ -68,13 +69,14 @@ PY
 
 bench() {  # name, time limit (s), cases and args...
   local name=$1 limit=$2; shift 2
+  [[ " $STAGES " == *" $name "* ]] || return 0
   echo "== $name"
   timeout "$limit" $PY -m dyncompute.cli bench "$@" --device "$DEVICE" --repeats "$REPEATS" --warmup 3 \
       --out "$OUT/$name.csv" 2>"$OUT/$name.err" | grep -v -e "^wrote" -e "^ *case " -e "^ *[a-z_]* *[A-Z]" \
     || echo "   ($name stopped: exit $?, see $OUT/$name.err)"
 }
 bench throughput 100 dcdit_vs_dit_train dcdit_vs_dit dcdit_varlen_kernel --arg batch="$BATCH"
-if [ -n "$PEERS" ]; then
+if [ -n "$PEERS" ] && [[ " $STAGES " == *" peers "* ]]; then
   echo "== peers"
   cp benchmarks/peer_stub/flash_attn.py "$PEERS/stub/flash_attn/__init__.py"
   timeout 200 $PY benchmarks/gpu_peers.py "$PEERS" --device "$DEVICE" --out "$OUT/peers.csv" \

@@ -42,16 +42,17 @@ except ImportError:  # pragma: no cover - torch < 2.10
     torch_varlen_attn = None
 
 PERMUTE_COPIES = 4  # kernels a permutation costs: gather q, k, v, scatter the output
-# The CUDA half-precision varlen kernel; None: nested SDPA. DYNCOMPUTE_VARLEN=nested picks nested SDPA (e.g.
-# where torch's varlen kernel has no backward), =torch torch's kernel even when flash-attn is installed.
-VARLEN = {"kernel": {"nested": None, "torch": torch_varlen_attn}.get(os.environ.get("DYNCOMPUTE_VARLEN", ""),
-                                                                    flash_attn_varlen_func or torch_varlen_attn)}
+# The kernel for packed tokens on CUDA: a flash-attn style varlen function (half precision), "nested" (jagged
+# nested-tensor SDPA) or "grouped" (grouped SDPA, as on the CPU). DYNCOMPUTE_VARLEN=nested|grouped|torch picks
+# one (torch: torch's varlen kernel even when flash-attn is installed).
+VARLEN = {"kernel": {"nested": "nested", "grouped": "grouped", "torch": torch_varlen_attn}.get(
+    os.environ.get("DYNCOMPUTE_VARLEN", ""), flash_attn_varlen_func or torch_varlen_attn or "nested")}
 
 
 @contextlib.contextmanager
 def varlen_kernel(kernel):
-    """Use ``kernel`` (a flash-attn style varlen function, or None for nested SDPA) inside the block: the
-    FLOP count traces the per-sample path, and benches compare kernels."""
+    """Use ``kernel`` for packed tokens on CUDA inside the block (see VARLEN): the FLOP count traces
+    the per-sample "grouped" path, and benches compare kernels."""
     was, VARLEN["kernel"] = VARLEN["kernel"], kernel
     try:
         yield
@@ -60,7 +61,7 @@ def varlen_kernel(kernel):
 
 
 def use_flash(q: torch.Tensor) -> bool:
-    return VARLEN["kernel"] is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    return callable(VARLEN["kernel"]) and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: Tokens,
@@ -74,7 +75,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: 
     if use_flash(q):
         cu = tokens.cu_seqlens.to(torch.int32)
         return VARLEN["kernel"](q, k, v, cu, cu, tokens.max_len, tokens.max_len)
-    if q.is_cuda:
+    if q.is_cuda and VARLEN["kernel"] != "grouped":
         return nested_sdpa(q, k, v, tokens)
     return grouped_sdpa(q, k, v, tokens.lengths)
 

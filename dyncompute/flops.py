@@ -228,7 +228,7 @@ def counting(model: nn.Module):
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), warnings.catch_warnings(), plain_modules(model), attention.varlen_kernel(None):
+        with torch.no_grad(), warnings.catch_warnings(), plain_modules(model), attention.varlen_kernel("grouped"):
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -334,7 +334,7 @@ def count_macs(fn, *inputs, owner: nn.Module | None = None) -> int:
     """Exact MACs of ``fn(*inputs)`` by the conventions of this module (reducers count their own
     arithmetic with it); an operator without a handle is an error here, never a silent zero."""
     module = _Fn(fn, owner)
-    with torch.no_grad(), warnings.catch_warnings(), plain_modules(owner or module), attention.varlen_kernel(None):
+    with torch.no_grad(), warnings.catch_warnings(), plain_modules(owner or module), attention.varlen_kernel("grouped"):
         warnings.simplefilter("ignore")
         fa = _analysis(module, inputs, module)
         total, unsupported = int(fa.total()), fa.unsupported_ops()

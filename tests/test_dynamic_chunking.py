@@ -247,3 +247,24 @@ def test_nearest_dechunk_is_gaussian_nearest_without_smoothing():
     assert torch.allclose(GaussianNearest(sigma=1e-3)(z, tokens, p, mask, (2, 3))[0, :, 0], out)
     model = tiny(dechunk="nearest")
     assert torch.isfinite(model(*batch(2))).all()
+
+
+def test_router_and_dechunk_run_in_float32_under_autocast():
+    """As the official fp32_router_dechunk: inside a bfloat16 autocast region the router's probabilities
+    equal its float32 ones on the same (bfloat16) encoder output, and the de-chunker returns float32."""
+    model = tiny()
+    tok = model.tokenizer
+    x, t, y = batch()
+    seen = {}
+    hooks = [tok.router.register_forward_hook(lambda m, i, o: seen.update(h=i[0], p=o)),
+             tok.dechunker.register_forward_hook(lambda m, i, o: seen.update(dechunked=o.dtype))]
+    with torch.no_grad():
+        c = model.condition(t, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tokens, state = tok.encode(x, c)
+            tok.to_grid(tokens, state, c)
+        for hook in hooks:
+            hook.remove()
+        assert seen["h"].dtype == torch.bfloat16  # the encoder did run in bfloat16
+        assert torch.equal(seen["p"], tok.router(seen["h"], state.grid))
+    assert seen["p"].dtype == torch.float32 and seen["dechunked"] == torch.float32

@@ -23,6 +23,12 @@ from .losses import check_target_ratio, ratio_loss
 from .routers import ROUTERS
 
 
+def float32(x: torch.Tensor):
+    """Autocast off: the router and the de-chunker compute in float32 even inside a bfloat16 autocast region
+    (their inputs are cast with .float()); otherwise the convolutions and matmuls would run in bfloat16."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 @dataclass
 class ChunkState:
     """What encode() hands to decoding; ``ForwardInfo.state`` (``info.state.p``, ``info.state.mask``)."""
@@ -139,7 +145,8 @@ class DynamicChunking(Tokenizer):
         # channels-last activations: oneDNN runs these 3x3 convolutions ~1.8x faster than on NCHW, and the
         # encoder's (B, D, H, W) -> (B, H*W, D) tokens become a view
         h = self.encoder(self.stem(x.contiguous(memory_format=torch.channels_last)), self.scaffold_condition(c))
-        p, mask_natural, confidence = boundary_rules(self.router(h, grid))
+        with float32(h):  # routing decisions in float32 under mixed precision, as the official fp32_router_dechunk
+            p, mask_natural, confidence = boundary_rules(self.router(h, grid))
         if self.bridge is not None:  # the prior decides; p and the confidence (the router's gradients) stay
             _, mask_natural, _ = boundary_rules(self.bridge.route(p))  # the router's own, unsaturated
             confidence = torch.where(mask_natural, p, 1 - p)
@@ -156,7 +163,8 @@ class DynamicChunking(Tokenizer):
             z_pixel = nearest_plug_back(tokens.x, tokens, state.mask, state.grid[1])
             state.bridge = self.bridge.head(z_pixel * gate, c, state.mask)
         z = self.backbone_norm(tokens.x)
-        h = self.dechunker(z, tokens, state.p, state.mask, state.grid)
+        with float32(z):
+            h = self.dechunker(z, tokens, state.p, state.mask, state.grid)
         return (h * gate + state.residual).to(z.dtype)
 
     def scaffold_condition(self, c: torch.Tensor) -> torch.Tensor:
