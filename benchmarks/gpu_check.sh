@@ -84,7 +84,7 @@ if [ -n "$PEERS" ] && [[ " $STAGES " == *" peers "* ]]; then
 fi
 bench compile_dit 80 dit_compile --arg batch="$BATCH"
 bench roofline 40 dit_train_step --arg batch="$BATCH"
-bench compile_dcdit 100 dcdit_compile --arg batch="$BATCH"
+bench compile_dcdit "${COMPILE_DCDIT_S:-100}" dcdit_compile --arg batch="$BATCH"
 
 $PY - "$OUT" <<'PY'
 import sys
