@@ -52,6 +52,7 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        self.register_buffer("one_at_scale", torch.tensor([0, 1, 0, 0, 1, 0.0]).view(6, 1), persistent=False)
 
     def forward(self, h: torch.Tensor, c: torch.Tensor, tokens: Tokens, hooks: Hooks | None = None,
                 index: int = 0) -> torch.Tensor:
@@ -68,9 +69,10 @@ class DiTBlock(nn.Module):
 
     def adaLN_vectors(self, c: torch.Tensor) -> torch.Tensor:
         """adaLN's six per-sample vectors (B, 6, D): shift, 1 + scale, gate for attention, then the MLP."""
+        # DiT's x * (1 + scale): the 1 is added per sample, not per token, and out of place (an in-place add
+        # on the strided scale rows costs a copy of the whole tensor in the backward)
         ada = self.adaLN_modulation(c).unflatten(-1, (6, -1))
-        ada[:, 1::3] += 1  # DiT's x * (1 + scale): the 1 is added per sample, not per token
-        return ada
+        return ada + self.one_at_scale.to(ada.dtype)
 
     def run_mlp(self, h: torch.Tensor, tokens: Tokens, active: torch.Tensor | None = None) -> torch.Tensor:
         """The MLP with the (h, tokens) signature of a token hook's op; ``active`` (B, G), optional: the

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
+from .layers import muladd
+
 
 @dataclass(frozen=True)
 class Tokens:
@@ -49,8 +51,12 @@ class Tokens:
     @classmethod
     def from_batched(cls, x: torch.Tensor, pos: torch.Tensor) -> Tokens:
         """Equal-length tokens from x (B, L, D) sharing one (L, 2) position table."""
-        B, L, D = x.shape
-        return cls.from_lengths(x.reshape(B * L, D), [L] * B, pos.repeat(B, 1))
+        B, L, D = (int(n) for n in x.shape)  # ints also under TorchScript tracing (fvcore's count)
+        # built on x's device: a host-to-device copy of the lengths (as in from_lengths) would make the host
+        # wait for the GPU's queue once per forward, and a launch-bound step would lose its overlap
+        cu = torch.arange(0, (B + 1) * L, L, device=x.device)
+        batch = torch.arange(B, device=x.device).view(B, 1).expand(B, L).reshape(-1)
+        return cls(x.reshape(B * L, D), cu, pos.repeat(B, 1), batch, (L,) * B)
 
     @property
     def num_samples(self) -> int:
@@ -70,13 +76,13 @@ class Tokens:
         return v.unsqueeze(1) if self.uniform else v.index_select(0, self.batch)
 
     def modulate(self, x: torch.Tensor, shift: torch.Tensor, one_plus_scale: torch.Tensor) -> torch.Tensor:
-        """adaLN's x * (1 + scale) + shift in one fused kernel; the vectors come from `per_token`, the
-        scale with its 1 already added (once per sample, not once per token)."""
-        return torch.addcmul(shift, x, one_plus_scale)
+        """adaLN's x * (1 + scale) + shift (`muladd`); the vectors come from `per_token`, the scale with
+        its 1 already added (once per sample, not once per token)."""
+        return muladd(shift, x, one_plus_scale)
 
     def gated_add(self, h: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """adaLN-Zero's gated residual h + gate * y, one fused kernel; gate comes from `per_token`."""
-        return torch.addcmul(h, gate, y)
+        """adaLN-Zero's gated residual h + gate * y (`muladd`); gate comes from `per_token`."""
+        return muladd(h, gate, y)
 
     def select(self, keep: torch.Tensor, drop_empty: bool = False) -> tuple[Tokens, torch.Tensor]:
         """The tokens where ``keep`` (T,) is True, packed, and their rows in ``x``: an op that skips tokens

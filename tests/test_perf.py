@@ -70,8 +70,8 @@ def test_block_kernels_do_not_grow_with_batch_size():
     few = block_kernels(block, [3, 5])
     many = block_kernels(block, [3, 5, 7, 2, 6, 4, 8, 9])
     adaln = ("index_select", "addcmul", "add", "add_")
-    assert {k: few[k] for k in adaln} == {k: many[k] for k in adaln} == {"index_select": 1, "addcmul": 4, "add": 0,
-                                                                           "add_": 1}
+    assert {k: few[k] for k in adaln} == {k: many[k] for k in adaln} == {"index_select": 1, "addcmul": 4, "add": 1,
+                                                                           "add_": 0}  # add: the 1 of 1 + scale
     # what still grows is attention: one SDPA call per distinct length (as the official varlen stand-in)
     grows = {k for k in many if many[k] != few[k]}
     assert grows <= {"_scaled_dot_product_flash_attention_for_cpu", "scaled_dot_product_attention"}, grows
@@ -256,3 +256,25 @@ def test_allocator_tuning_applies_on_glibc_and_can_be_switched_off(monkeypatch):
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc's mallopt only")
     assert tune_allocator() is True  # glibc accepted every setting
+
+
+def test_training_block_backward_has_no_full_size_copies_or_scalar_multiplies():
+    """Under autograd the adaLN arithmetic is multiply + add (addcmul's backward multiplies by its scalar
+    factor: an extra full-size pass per input) and the 1 of 1 + scale is added out of place (an in-place add
+    on the strided scale rows made the backward copy the whole modulation tensor)."""
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    block = DiTBlock(32, 4)
+    tokens = Tokens.from_batched(torch.randn(2, 6, 32, requires_grad=True), torch.zeros(6, 2, dtype=torch.long))
+    with Count() as c:
+        block(tokens.batched(), torch.randn(2, 32), tokens).square().sum().backward()
+    assert c.ops["addcmul"] == 0 and c.ops["copy_"] == 0 and c.ops["new_zeros"] == 0, c.ops
+    assert c.ops["mul"] <= 14, c.ops  # 4 forward, 2 per product backward, 2 in the loss and attention
