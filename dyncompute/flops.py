@@ -92,7 +92,7 @@ IGNORED_OPS = frozenset({
     # elementwise arithmetic and adaLN modulation
     "aten::add", "aten::add_", "aten::sub", "aten::sub_", "aten::rsub", "aten::mul", "aten::mul_",
     "aten::div", "aten::div_", "aten::neg", "aten::abs", "aten::reciprocal", "aten::addcmul",
-    "aten::addcmul_", "aten::addcdiv", "aten::lerp", "aten::square", "aten::pow", "aten::sqrt",
+    "aten::addcmul_", "aten::addcdiv", "aten::lerp", "aten::square", "aten::pow", "aten::sqrt", "aten::diff",
     "aten::rsqrt", "aten::exp", "aten::log", "aten::log1p", "aten::sin", "aten::cos", "aten::sign",
     "aten::round", "aten::trunc", "aten::clamp_min", "aten::clamp_max", "aten::maximum", "aten::minimum",
     # activations and softmax

@@ -38,12 +38,13 @@ class Tokens:
         object.__setattr__(self, "host_lengths", torch.tensor(self.lengths, dtype=torch.long))
 
     @classmethod
-    def from_lengths(cls, x: torch.Tensor, lengths, pos: torch.Tensor) -> Tokens:
+    def from_lengths(cls, x: torch.Tensor, lengths, pos: torch.Tensor, counts: torch.Tensor | None = None) -> Tokens:
+        """``counts``: the lengths already on x's device, if at hand (saves a copy that waits for the GPU)."""
         lengths = tuple(int(n) for n in lengths)
         if x.dim() != 2 or pos.shape != (x.shape[0], 2) or sum(lengths) != x.shape[0]:
             raise ValueError(f"packed tokens need x (T, D), pos (T, 2) and sum(lengths) == T; got "
                              f"x {tuple(x.shape)}, pos {tuple(pos.shape)}, sum(lengths) {sum(lengths)}")
-        n = torch.tensor(lengths, device=x.device, dtype=torch.long)
+        n = torch.tensor(lengths, device=x.device, dtype=torch.long) if counts is None else counts.long()
         cu = F.pad(n.cumsum(0), (1, 0))
         batch = torch.repeat_interleave(torch.arange(len(lengths), device=x.device), n, output_size=x.shape[0])
         return cls(x, cu, pos, batch, lengths)

@@ -6,7 +6,7 @@ import torch
 
 from dyncompute import DiffusionTransformer, UnknownPluginError
 from dyncompute_plugins.tokenizers.dynamic_chunking import DynamicChunking, load_official_dcdit, to_official_dcdit
-from dyncompute_plugins.tokenizers.dynamic_chunking.chunking import drop_tail, nearest_kept
+from dyncompute_plugins.tokenizers.dynamic_chunking.chunking import drop_tail, nearest_kept, pad_packed
 from dyncompute_plugins.tokenizers.dynamic_chunking.losses import ratio_loss
 
 REF = Path(__file__).resolve().parent / "reference" / "dcdit_ref_small.pt"  # copied from shared/reference
@@ -268,3 +268,15 @@ def test_router_and_dechunk_run_in_float32_under_autocast():
         assert seen["h"].dtype == torch.bfloat16  # the encoder did run in bfloat16
         assert torch.equal(seen["p"], tok.router(seen["h"], state.grid))
     assert seen["p"].dtype == torch.float32 and seen["dechunked"] == torch.float32
+
+
+def test_pad_packed_puts_each_sample_at_the_start_of_its_row():
+    """Padding from the device's cu_seqlens (no boolean indexing) on lengths with an empty sample."""
+    from dyncompute.tokens import Tokens
+
+    lengths = [3, 0, 5, 1]
+    x = torch.arange(9.0)[:, None].expand(9, 2)
+    tokens = Tokens.from_lengths(x, lengths, torch.zeros(9, 2, dtype=torch.long))
+    out, valid = pad_packed(x, tokens)
+    assert out.shape == (4, 5, 2) and valid.tolist() == [[n > i for i in range(5)] for n in lengths]
+    assert torch.equal(out[valid], x) and not out[~valid].any()

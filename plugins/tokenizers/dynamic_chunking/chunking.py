@@ -49,27 +49,34 @@ def drop_tail(p: torch.Tensor, mask: torch.Tensor, rho) -> torch.Tensor:
 
 def chunk(h: torch.Tensor, mask: torch.Tensor, pos_embed: torch.Tensor, width: int) -> Tokens:
     """Keep boundary tokens of h (B, L, D) in raster order, add their original-position embedding."""
-    flat = mask.nonzero()[:, 1]  # raster index of every kept token, sample after sample
+    B, L = mask.shape
+    rows = mask.flatten().nonzero().squeeze(1)  # the one wait for the GPU: how many tokens are kept
+    flat = rows % L  # raster index of every kept token, sample after sample
     pos = torch.stack([flat // width, flat % width], dim=1)
-    return Tokens.from_lengths(h[mask] + pos_embed[flat].to(h.dtype), mask.sum(1).tolist(), pos)
+    counts = mask.sum(1)
+    return Tokens.from_lengths(h.flatten(0, 1)[rows] + pos_embed[flat].to(h.dtype), counts.tolist(), pos, counts)
 
 
 def pad_packed(x: torch.Tensor, tokens: Tokens) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed (T, ...) -> padded (B, M, ...) and its validity mask (B, M)."""
-    M = max(tokens.lengths)
-    valid = torch.arange(M, device=x.device)[None] < torch.tensor(tokens.lengths, device=x.device)[:, None]
-    out = x.new_zeros((tokens.num_samples, M) + tuple(x.shape[1:]))
-    out[valid] = x
-    return out, valid
+    B, M = tokens.num_samples, tokens.max_len
+    # indices from the device's cu_seqlens: no host-to-device copy or boolean indexing, so no wait for the GPU
+    lengths = tokens.cu_seqlens.diff()
+    valid = torch.arange(M, device=x.device)[None] < lengths[:, None]
+    slot = tokens.batch * M + torch.arange(x.shape[0], device=x.device) - tokens.cu_seqlens[tokens.batch]
+    out = x.new_zeros((B * M,) + tuple(x.shape[1:]))
+    out[slot] = x
+    return out.unflatten(0, (B, M)), valid
 
 
-def nearest_kept(mask: torch.Tensor, width: int) -> torch.Tensor:
+def nearest_kept(mask: torch.Tensor, width: int, max_len: int | None = None) -> torch.Tensor:
     """(B, L) index, among each sample's kept tokens (raster order), of every grid position's nearest
-    kept token by Euclidean distance; ties go to the earlier raster index."""
+    kept token by Euclidean distance; ties go to the earlier raster index. ``max_len``: the most tokens a
+    sample kept, when known (counting it waits for the GPU)."""
     B, L = mask.shape
     idx = torch.arange(L, device=mask.device)
     rows, cols = (idx // width).float(), (idx % width).float()
-    M = int(mask.sum(1).max())
+    M = int(mask.sum(1).max()) if max_len is None else max_len
     order = torch.where(mask, idx[None], L + idx[None]).argsort(dim=1)[:, :M]  # kept first, raster order
     valid = torch.arange(M, device=mask.device)[None] < mask.sum(1, keepdim=True)
     d2 = (rows[None, :, None] - rows[order][:, None]) ** 2 + (cols[None, :, None] - cols[order][:, None]) ** 2

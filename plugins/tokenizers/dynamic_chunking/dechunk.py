@@ -30,8 +30,11 @@ class Dechunker(nn.Module):
         self.sigma = sigma
 
     @staticmethod
-    def kept_p(p: torch.Tensor, mask: torch.Tensor, tokens: Tokens) -> tuple[torch.Tensor, torch.Tensor]:
-        return pad_packed(p.float().clamp(P_CLAMP, 1 - P_CLAMP)[mask], tokens)
+    def kept_p(p: torch.Tensor, tokens: Tokens, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """p (B, L) of the kept tokens, padded (B, M), read at the tokens' own positions (p[mask] would wait
+        for the GPU to count the mask)."""
+        rows = tokens.batch * p.shape[1] + tokens.pos[:, 0] * width + tokens.pos[:, 1]
+        return pad_packed(p.float().clamp(P_CLAMP, 1 - P_CLAMP).flatten()[rows], tokens)
 
 
 @DECHUNKERS.register("gaussian_nearest")
@@ -40,13 +43,13 @@ class GaussianNearest(Dechunker):
 
     def forward(self, z, tokens: Tokens, p, mask, grid):
         zp, valid = pad_packed(z.float(), tokens)
-        pk, _ = self.kept_p(p, mask, tokens)
+        pk, _ = self.kept_p(p, tokens, grid[1])
         pos, _ = pad_packed(tokens.pos.float(), tokens)
         d2 = (pos[:, :, None] - pos[:, None]).pow(2).sum(-1)
         w = torch.exp(-d2 / (2 * self.sigma ** 2)) * pk[:, None] * (valid[:, :, None] & valid[:, None])
         smoothed = torch.bmm(w / (w.sum(-1, keepdim=True) + 1e-8), zp)
         out = pk[..., None] * zp + (1 - pk[..., None]) * smoothed
-        return _gather_rows(out, nearest_kept(mask, grid[1]))
+        return _gather_rows(out, nearest_kept(mask, grid[1], tokens.max_len))
 
 
 @DECHUNKERS.register("ema_raster")
@@ -55,7 +58,7 @@ class EmaRaster(Dechunker):
 
     def forward(self, z, tokens: Tokens, p, mask, grid):
         zp, valid = pad_packed(z.float(), tokens)
-        pk, _ = self.kept_p(p, mask, tokens)
+        pk, _ = self.kept_p(p, tokens, grid[1])
         decay = torch.log1p(-pk).masked_fill(~valid, 0.0).cumsum(1)  # A_j = sum_{k<=j} log(1 - p_k)
         M = zp.shape[1]
         causal = torch.ones(M, M, dtype=torch.bool, device=z.device).tril()
@@ -73,7 +76,7 @@ class Nearest(Dechunker):
 
 def nearest_plug_back(z: torch.Tensor, tokens: Tokens, mask: torch.Tensor, width: int) -> torch.Tensor:
     """(B, L, D): every pixel takes its nearest kept token's row of the packed ``z`` (T, D), as it is."""
-    return _gather_rows(pad_packed(z, tokens)[0], nearest_kept(mask, width))
+    return _gather_rows(pad_packed(z, tokens)[0], nearest_kept(mask, width, tokens.max_len))
 
 
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
