@@ -2,6 +2,7 @@
 weights and inputs, timed interleaved by `dyncompute.bench` (medians, kernels per call, peak memory).
 
     python benchmarks/gpu_peers.py PEERS [--batch 8 64] [--repeats 20] [--out results.csv]
+    python benchmarks/gpu_peers.py PEERS --device cpu --batch 8 --load 1   # fp32 on the CPU, beside a busy process
 
 PEERS is the folder that ``../shared/peer-bench/setup_peers.sh`` lays out (the original ``models.py``
 of facebookresearch/DiT, the official DC-DiT code, their model builders in ``common.py``), with
@@ -127,12 +128,14 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", default=["dit", "dcdit"])
     ap.add_argument("--out")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--load", type=int, default=0, help="busy processes spinning beside every pair (CPU contention)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads on the CPU (the comparisons' 2)")
     args = ap.parse_args()
     DEVICE["name"] = bench.DEVICE["name"] = args.device
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_peers.py: no CUDA device")
     common = peers(args.peers)
-    torch.set_num_threads(8)  # common.py pins 2 for its CPU timings; here only model building uses the CPU
+    torch.set_num_threads(8 if args.device == "cuda" else args.threads)  # on CUDA the CPU only builds models
     import pandas as pd
 
     rows = []
@@ -141,6 +144,7 @@ def main() -> None:
             if kind not in args.only:
                 continue
             for pair in build(common, batch):
+                pair.load = args.load
                 rows.append(run_pair(pair, args.warmup, args.repeats))
                 print(_fmt(rows[-1]), flush=True)
     if args.out:
