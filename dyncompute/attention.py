@@ -11,7 +11,9 @@ lengths still cost one call each on the CPU: there, padded+masked SDPA cost ~2x 
 
 Under ``torch.compile`` the grouped path is one custom operator (``dyncompute::grouped_sdpa``) that
 reads the per-sample lengths from a host tensor, so a compiled backbone sees neither a python loop nor
-the lengths, and new lengths do not recompile it.
+the lengths, and new lengths do not recompile it. On CUDA too, for now: the varlen kernels take the longest
+length as a python int, which would specialise the graph. On an H200 that made the compiled DC-DiT-S
+training step 6x slower than eager (`benchmarks/results/h200-2026-11-28`).
 
 ``log_size`` (optional, one value per token) adds a bias to every key's logit: ToMe's proportional
 attention, softmax(q k^T / sqrt(d) + log s), where s is how many tokens a merged key stands for.

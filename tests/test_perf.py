@@ -1,5 +1,6 @@
 """The fast paths are exact: packed adaLN and grouped attention against per-sample loops, a constant
 kernel count per block, and the compiled path against eager."""
+import os
 from collections import Counter
 from typing import ClassVar
 
@@ -278,3 +279,26 @@ def test_training_block_backward_has_no_full_size_copies_or_scalar_multiplies():
         block(tokens.batched(), torch.randn(2, 32), tokens).square().sum().backward()
     assert c.ops["addcmul"] == 0 and c.ops["copy_"] == 0 and c.ops["new_zeros"] == 0, c.ops
     assert c.ops["mul"] <= 14, c.ops  # 4 forward, 2 per product backward, 2 in the loss and attention
+
+
+def test_varlen_kernel_choice_and_override():
+    """DYNCOMPUTE_VARLEN picks the CUDA kernel for packed tokens; `varlen_kernel` swaps it for a block and
+    restores it; on the CPU every choice runs grouped SDPA (the same numbers)."""
+    import subprocess
+    import sys
+
+    from dyncompute import attention
+
+    code = "from dyncompute.attention import VARLEN; print(VARLEN['kernel'])"
+    for choice in ("nested", "grouped"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "DYNCOMPUTE_VARLEN": choice}).stdout.strip()
+        assert out == choice
+    lengths = [3, 5, 2]
+    q, k, v = (torch.randn(10, 2, 8) for _ in range(3))
+    tokens = Tokens.from_lengths(q.flatten(1), lengths, torch.zeros(10, 2, dtype=torch.long))
+    before = attention.VARLEN["kernel"]
+    with attention.varlen_kernel("nested"):
+        assert attention.VARLEN["kernel"] == "nested"
+        assert torch.equal(attention.varlen_attention(q, k, v, tokens), grouped_sdpa(q, k, v, lengths))
+    assert attention.VARLEN["kernel"] is before
