@@ -126,7 +126,7 @@ class DiffusionTransformer(nn.Module):
         if step_cache is not None:
             step_cache.advance()
         c = self.condition(t, y)
-        tokens, state = self.tokenizer.encode(x, c, **budget)
+        tokens, state = self.tokenizer.encode(x, c, **({"t": t} if self.tokenizer.timestep_aware else {}), **budget)
         hooks = Hooks(self.reducers, step_cache, t, c) if len(self.reducers) else None
         ran = []
 

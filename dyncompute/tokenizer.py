@@ -20,7 +20,8 @@ class Tokenizer(nn.Module, abc.ABC):
 
     A tokenizer is built by the model with the keyword arguments ``hidden_size``, ``in_channels``,
     ``out_channels``, ``input_size`` and ``cond_dim``; everything else is its own (gin-bound) setting.
-    Budget keywords given to ``DiffusionTransformer.forward`` (e.g. ``tail_drop``) reach ``encode``.
+    Budget keywords given to ``DiffusionTransformer.forward`` (e.g. ``tail_drop``) reach ``encode``; a
+    tokenizer whose ``timestep_aware`` is True also gets the diffusion timesteps there, as ``t`` (B,).
 
     Decoding is split in two so that step-level reducers can cache on the grid, whatever the tokens:
     ``to_grid`` brings the backbone's tokens back to one feature vector per grid position, ``head``
@@ -28,6 +29,7 @@ class Tokenizer(nn.Module, abc.ABC):
     """
 
     budget_keys: ClassVar[tuple[str, ...]] = ()  # the budget keywords encode() accepts
+    timestep_aware: bool = False  # True: encode() also takes ``t``, the (B,) diffusion timesteps
     dynamic_tokens: ClassVar[bool] = False  # True when the tokens depend on the input (see `token_map`)
     # accounting (dyncompute.flops): {submodule prefix: component name}; "" is the tokenizer itself.
     # Undeclared submodules are counted under "tokenizer".

@@ -67,6 +67,9 @@ RECIPES = {  # upcycled run -> (config, bindings)
     # dropped patches predicted by the scaffold's decoder alone (not the DiT's prediction of a neighbour)
     "upcycled_bridge_thin_n4.4_count_scaffold": (THIN, N44, COUNT,
                                                  "tokenizers.dynamic_chunking.bridge_dropped = 'scaffold'"),
+    # every patch kept at t >= 500, where the samples follow the loss (report: loss_vs_samples); thinned below
+    "upcycled_bridge_thin_n4.4_count_distill_keep500": (THIN, N44, COUNT, D100,
+                                                        "tokenizers.dynamic_chunking.bridge_keep_above = 500"),
     # a second seed of one dynamic recipe (and of the bar below): how far apart do two trainings land?
     "upcycled_bridge_thin_n4.4_count_distill_seed1": (THIN, N44, COUNT, D100, "train.seed = 1"),
 }

@@ -301,3 +301,28 @@ def test_bridge_dropped_scaffold_zeroes_the_dit_prediction_of_dropped_patches():
     with pytest.raises(ConfigError, match="bridge_dropped"):
         DiffusionTransformer(**KW, hidden_size=32, tokenizer="dynamic_chunking",
                              tokenizer_kwargs={"dit_bridge": 2, "bridge_dropped": "nowhere"})
+
+
+def test_bridge_keep_above_keeps_every_patch_at_high_noise():
+    """``bridge_keep_above = T``: samples at t >= T keep every patch's first pixel whatever the router wants;
+    below T the router thins as before. The model hands the tokenizer t (its ``timestep_aware``)."""
+    kw = {"enc_dec_factor": 4, "dit_bridge": 2, "bridge_places": "grid", "target_ratio": 5.0,
+          "bridge_fade": "count", "bridge_keep_above": 500}
+    model = DiffusionTransformer(**KW, hidden_size=32, tokenizer="dynamic_chunking", tokenizer_kwargs=kw)
+    tok = model.tokenizer
+    assert tok.timestep_aware
+    tok.bridge.prior_scale.fill_(0.0)  # the prior has faded: the router decides
+    first = tok.bridge.place == 0
+    p = torch.full((2, 64), 0.9)
+    p[:, first] = torch.linspace(0.05, 0.95, 16)  # the router would drop 8 patches
+    keep = tok.bridge.route(p, torch.tensor([499, 500])) > 0.5
+    assert int(keep[0, first].sum()) == 8 and bool(keep[1, first].all()) and not keep[:, ~first].any()
+    x = torch.randn(2, KW["in_channels"], KW["input_size"], KW["input_size"])
+    with torch.no_grad():
+        info = model(x, torch.tensor([999, 999]), torch.tensor([0, 1]), return_info=True)[1]
+    assert bool(info.state.mask[:, first].all())  # every patch, at high noise (and the always-kept last pixel)
+    for bad, match in (({"bridge_keep_above": -1}, "bridge_keep_above"),
+                       ({"bridge_keep_above": 500, "dit_bridge": 0, "bridge_places": "any",
+                         "bridge_fade": "logit"}, "needs a DiT bridge")):
+        with pytest.raises(ConfigError, match=match):
+            DiffusionTransformer(**KW, hidden_size=32, tokenizer="dynamic_chunking", tokenizer_kwargs={**kw, **bad})

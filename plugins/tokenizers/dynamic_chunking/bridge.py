@@ -42,7 +42,7 @@ PRIOR = 4.0  # sigmoid(4) = 0.98: the first pixel of each patch is a boundary, t
 class DiTBridge(nn.Module):
     def __init__(self, in_channels: int, hidden_size: int, out_channels: int, input_size: int, patch_size: int,
                  cond_dim: int, start: str = "grid", places: str = "any", fade: str = "logit",
-                 dropped: str = "neighbour"):
+                 dropped: str = "neighbour", keep_above: int | None = None):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by the bridge's patch size {patch_size}")
@@ -63,7 +63,10 @@ class DiTBridge(nn.Module):
         if dropped not in ("neighbour", "scaffold"):
             raise ConfigError(f"tokenizers.dynamic_chunking.bridge_dropped must be 'neighbour' or 'scaffold', "
                               f"got {dropped!r}")
-        self.places, self.fade, self.dropped = places, fade, dropped
+        if keep_above is not None and not (isinstance(keep_above, int) and 0 <= keep_above):
+            raise ConfigError(f"tokenizers.dynamic_chunking.bridge_keep_above must be None or a timestep >= 0, "
+                              f"got {keep_above!r}")
+        self.places, self.fade, self.dropped, self.keep_above = places, fade, dropped, keep_above
         prior = torch.full((P * P,), -PRIOR if start == "grid" else PRIOR)  # "all": every pixel kept
         prior[0] = PRIOR
         self.register_buffer("place_prior", prior, persistent=False)
@@ -87,13 +90,21 @@ class DiTBridge(nn.Module):
         e = self.x_embedder(x).repeat_interleave(P, dim=-2).repeat_interleave(P, dim=-1)  # (B, D, H, W)
         return e.flatten(2).transpose(1, 2) + self.encoder_gate * h
 
-    def route(self, p: torch.Tensor) -> torch.Tensor:
+    def route(self, p: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         """Boundary probabilities (B, L) for the keep decisions: the router's with the scaled per-place prior
-        added to their logits (``places="grid"``: 0 off the patches' first pixels)."""
+        added to their logits (``places="grid"``: 0 off the patches' first pixels). ``keep_above``: samples
+        at timestep ``t`` >= it keep every patch's first pixel, whatever the router wants (the DiT's tokens
+        at high noise, where a sample's layout is decided)."""
         if self.fade == "count":
-            return self._count_faded(p)
-        q = torch.sigmoid(torch.logit(p, eps=1e-6) + self.prior_scale * self.place_prior[self.place])
-        return q if self.places == "any" else q * self.first
+            q = self._count_faded(p)
+        else:
+            q = torch.sigmoid(torch.logit(p, eps=1e-6) + self.prior_scale * self.place_prior[self.place])
+            q = q if self.places == "any" else q * self.first
+        if self.keep_above is None:
+            return q
+        if t is None:
+            raise ValueError("the DiT bridge's keep_above needs the timesteps t")
+        return torch.where((t[:, None] >= self.keep_above) & self.first, torch.ones_like(q), q)
 
     def _count_faded(self, p: torch.Tensor) -> torch.Tensor:
         """``fade="count"``: of the patches the router would drop, only the (1 - prior_scale) share with the

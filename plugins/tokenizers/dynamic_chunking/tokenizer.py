@@ -71,7 +71,8 @@ class DynamicChunking(Tokenizer):
                  dechunk_sigma: float = 1.0, tail_drop: float = 0.0,
                  budget_set: Sequence[float] = (), budget_warmup_steps: int = 0, cond_adaptor: bool = False,
                  pos_scale: float = 1.0, dit_bridge: int = 0, bridge_start: str = "grid",
-                 bridge_places: str = "any", bridge_fade: str = "logit", bridge_dropped: str = "neighbour"):
+                 bridge_places: str = "any", bridge_fade: str = "logit", bridge_dropped: str = "neighbour",
+                 bridge_keep_above: int | None = None):
         super().__init__()
         check_target_ratio(target_ratio)
         for rho in (tail_drop, *budget_set):
@@ -100,6 +101,8 @@ class DynamicChunking(Tokenizer):
         # Upcycling's function-preserving start (bridge.py): a DiT/P's patch embedding and final layer
         # beside the scaffold, tokens coded with the DiT's position of their patch. 0: none (the paper's).
         self.bridge = None
+        if bridge_keep_above is not None and not dit_bridge:
+            raise ConfigError("tokenizers.dynamic_chunking.bridge_keep_above needs a DiT bridge (dit_bridge = P)")
         if dit_bridge:
             if pos_scale != 1:
                 raise ConfigError("tokenizers.dynamic_chunking.dit_bridge codes positions by patch: "
@@ -108,7 +111,8 @@ class DynamicChunking(Tokenizer):
                 raise ConfigError(f"tokenizers.dynamic_chunking.bridge_places = 'grid' keeps at most one token per "
                                   f"patch: target_ratio must exceed {dit_bridge ** 2}, got {target_ratio}")
             self.bridge = DiTBridge(in_channels, D, out_channels, input_size, dit_bridge, cond_dim, bridge_start,
-                                    bridge_places, bridge_fade, bridge_dropped)
+                                    bridge_places, bridge_fade, bridge_dropped, bridge_keep_above)
+            self.timestep_aware = bridge_keep_above is not None  # encode() then gets t
         positions = grid_positions(input_size) // dit_bridge if dit_bridge else grid_positions(input_size) * pos_scale
         self.register_buffer("pos_embed", sincos_2d(D, positions), persistent=False)
         # Upcycling from a DiT: a trainable LayerNorm between the (frozen, DiT-scaled) conditioning vector
@@ -137,7 +141,7 @@ class DynamicChunking(Tokenizer):
         return tuple({"tail_drop": rho} for rho in self.budget_set), self.budget_warmup_steps
 
     # ---- tokenizer interface -------------------------------------------------------------------
-    def encode(self, x: torch.Tensor, c: torch.Tensor, tail_drop=None, **budget) -> tuple[Tokens, ChunkState]:
+    def encode(self, x: torch.Tensor, c: torch.Tensor, tail_drop=None, t=None, **budget) -> tuple[Tokens, ChunkState]:
         self.check_budget(budget)
         rho = self.tail_drop if tail_drop is None else tail_drop
         check_tail_drop(rho)
@@ -148,7 +152,7 @@ class DynamicChunking(Tokenizer):
         with float32(h):  # routing decisions in float32 under mixed precision, as the official fp32_router_dechunk
             p, mask_natural, confidence = boundary_rules(self.router(h, grid))
         if self.bridge is not None:  # the prior decides; p and the confidence (the router's gradients) stay
-            _, mask_natural, _ = boundary_rules(self.bridge.route(p))  # the router's own, unsaturated
+            _, mask_natural, _ = boundary_rules(self.bridge.route(p, t))  # the router's own, unsaturated
             confidence = torch.where(mask_natural, p, 1 - p)
         mask = drop_tail(p, mask_natural, rho)
         residual = self.residual_proj(h.float())
