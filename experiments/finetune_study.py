@@ -70,6 +70,9 @@ RECIPES = {  # upcycled run -> (config, bindings)
     # every patch kept at t >= 500, where the samples follow the loss (report: loss_vs_samples); thinned below
     "upcycled_bridge_thin_n4.4_count_distill_keep500": (THIN, N44, COUNT, D100,
                                                         "tokenizers.dynamic_chunking.bridge_keep_above = 500"),
+    # the same recipe trained half and all of the from-scratch bar's 800 steps: does its fid_shapes catch up at all?
+    "upcycled_bridge_thin_n4.4_count_distill_400": (THIN, N44, COUNT, D100, "train.steps = 400"),
+    "upcycled_bridge_thin_n4.4_count_distill_800": (THIN, N44, COUNT, D100, "train.steps = 800"),
     # a second seed of one dynamic recipe (and of the bar below): how far apart do two trainings land?
     "upcycled_bridge_thin_n4.4_count_distill_seed1": (THIN, N44, COUNT, D100, "train.seed = 1"),
 }
