@@ -2,8 +2,8 @@
 # Issue 13's GPU check, one script, ~7 minutes on an H100/H200 (run from anywhere; it cd's to the repo):
 #   bash benchmarks/gpu_check.sh [PEERS]     # BATCH=128 REPEATS=10 by default; PY=python3
 # Prints, in bfloat16 on CUDA, each side timed interleaved (medians; kernels per call beside):
-#   0. checks: the varlen kernel's forward and backward against float64 grouped SDPA; a DC-DiT-S forward
-#      and its gradients with the varlen kernel against nested SDPA; compiled against eager outputs;
+#   0. a check: the varlen kernel's output and dq against float64 grouped SDPA (nested SDPA if it fails);
+#      the compile stages print compiled-vs-eager output differences, the peer stage ours-vs-peer ones;
 #   1. DC-DiT-S (N=4, ~25% of tokens kept; the CUDA varlen kernel) vs DiT-S/2 training step: MACs/s of
 #      DC-DiT over DiT's (target >= 0.95), the same for the forward; the varlen kernel vs nested SDPA;
 #   2. with PEERS (a folder laid out by ../shared/peer-bench/setup_peers.sh): ours vs the original DiT and

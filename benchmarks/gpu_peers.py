@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from dyncompute import bench
-from dyncompute.bench import BenchPair, Timed, _fmt, forward_macs, run_pair
+from dyncompute.bench import BenchPair, Timed, format_row, forward_macs, relative_difference, run_pair
 from dyncompute.compile import compile_model
 from dyncompute.io import atomic_write
 
@@ -67,8 +67,13 @@ def train_step(model, x, t, y, target, tuple_out=False):
     return step
 
 
-def rel_diff(a, b) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+def tag(batch: int) -> str:
+    return f"B={batch}, {'bf16' if DEVICE['name'] == 'cuda' else 'fp32'}"
+
+
+def mse_target(batch: int) -> torch.Tensor:
+    """The fixed regression target of both sides' training steps (8 output channels: learn_sigma)."""
+    return torch.randn(batch, 8, 32, 32, generator=torch.Generator().manual_seed(2)).to(DEVICE["name"])
 
 
 def dit_pairs(common, batch: int) -> list[BenchPair]:
@@ -76,18 +81,17 @@ def dit_pairs(common, batch: int) -> list[BenchPair]:
     x, t, y = (v.to(DEVICE['name']) for v in common.dit_inputs(batch))
     macs = forward_macs(ours, x, t, y)
     print(f"DiT-S/2 B={batch}: |ours - original| / |original| = "
-          f"{rel_diff(forward(ours, x, t, y)(), forward(orig, x, t, y)()):.2e}", flush=True)
-    target = torch.randn(batch, 8, 32, 32, generator=torch.Generator().manual_seed(2)).to(DEVICE['name'])
+          f"{relative_difference(forward(ours, x, t, y)(), forward(orig, x, t, y)()):.2e}", flush=True)
+    target, label = mse_target(batch), tag(batch)
     compiled = compile_model(common.build_dit_pair("S")[1].to(DEVICE['name']))
-    tag = f"B={batch}, {'bf16' if DEVICE['name'] == 'cuda' else 'fp32'}"
     return [
-        BenchPair("peer_dit_fwd", Timed(f"ours DiT-S/2 fwd ({tag})", forward(ours, x, t, y), macs),
-                  Timed(f"original DiT-S/2 fwd ({tag})", forward(orig, x, t, y), macs)),
-        BenchPair("peer_dit_train", Timed(f"ours DiT-S/2 train ({tag})", train_step(ours, x, t, y, target), 3 * macs),
-                  Timed(f"original DiT-S/2 train ({tag})", train_step(orig, x, t, y, target), 3 * macs)),
+        BenchPair("peer_dit_fwd", Timed(f"ours DiT-S/2 fwd ({label})", forward(ours, x, t, y), macs),
+                  Timed(f"original DiT-S/2 fwd ({label})", forward(orig, x, t, y), macs)),
+        BenchPair("peer_dit_train", Timed(f"ours DiT-S/2 train ({label})", train_step(ours, x, t, y, target), 3 * macs),
+                  Timed(f"original DiT-S/2 train ({label})", train_step(orig, x, t, y, target), 3 * macs)),
         BenchPair("peer_dit_train_compiled",
-                  Timed(f"ours DiT-S/2 train compiled ({tag})", train_step(compiled, x, t, y, target), 3 * macs),
-                  Timed(f"original DiT-S/2 train ({tag})", train_step(orig, x, t, y, target), 3 * macs),
+                  Timed(f"ours DiT-S/2 train compiled ({label})", train_step(compiled, x, t, y, target), 3 * macs),
+                  Timed(f"original DiT-S/2 train ({label})", train_step(orig, x, t, y, target), 3 * macs),
                   target="time ratio <= 0.85", check=lambda r: r["time_ratio"] <= 0.85),
     ]
 
@@ -103,17 +107,16 @@ def dcdit_pairs(common, batch: int) -> list[BenchPair]:
         b, info = ours.eval()(x, t, y, return_info=True)
     same = bool((mask == info.state.mask).all())
     print(f"DC-DiT-S B={batch}: kept {info.state.mask.float().mean():.3f}, masks equal {same}, "
-          f"|ours - official| / |official| = {rel_diff(b, a):.2e} ", flush=True)
+          f"|ours - official| / |official| = {relative_difference(b, a):.2e} ", flush=True)
     macs = forward_macs(ours, x, t, y)
-    target = torch.randn(batch, 8, 32, 32, generator=torch.Generator().manual_seed(2)).to(DEVICE['name'])
-    tag = f"B={batch}, {'bf16' if DEVICE['name'] == 'cuda' else 'fp32'}"
+    target, label = mse_target(batch), tag(batch)
     return [
-        BenchPair("peer_dcdit_fwd", Timed(f"ours DC-DiT-S fwd ({tag})", forward(ours, x, t, y), macs),
-                  Timed(f"official DC-DiT-S fwd ({tag})", forward(official, x, t, y, True), macs),
+        BenchPair("peer_dcdit_fwd", Timed(f"ours DC-DiT-S fwd ({label})", forward(ours, x, t, y), macs),
+                  Timed(f"official DC-DiT-S fwd ({label})", forward(official, x, t, y, True), macs),
                   target="time ratio <= 0.8", check=lambda r: r["time_ratio"] <= 0.8),
         BenchPair("peer_dcdit_train",
-                  Timed(f"ours DC-DiT-S train ({tag})", train_step(ours, x, t, y, target), 3 * macs),
-                  Timed(f"official DC-DiT-S train ({tag})",
+                  Timed(f"ours DC-DiT-S train ({label})", train_step(ours, x, t, y, target), 3 * macs),
+                  Timed(f"official DC-DiT-S train ({label})",
                         train_step(official, x, t, y, target, tuple_out=True), 3 * macs),
                   target="time ratio <= 0.8", check=lambda r: r["time_ratio"] <= 0.8),
     ]
@@ -146,7 +149,7 @@ def main() -> None:
             for pair in build(common, batch):
                 pair.load = args.load
                 rows.append(run_pair(pair, args.warmup, args.repeats))
-                print(_fmt(rows[-1]), flush=True)
+                print(format_row(rows[-1]), flush=True)
     if args.out:
         atomic_write(args.out, lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
 

@@ -225,7 +225,7 @@ def run_cases(names: list[str] | None = None, warmup: int = 2, repeats: int = 5,
     for name in names or sorted(CASES):
         for pair in CASES[name](**_case_args(CASES[name], args or {})):
             rows.append(run_pair(pair, warmup, repeats))
-            print(_fmt(rows[-1]), flush=True)
+            print(format_row(rows[-1]), flush=True)
     df = pd.DataFrame(rows)
     if out:
         atomic_write(out, lambda tmp: df.to_csv(tmp, index=False))
@@ -239,7 +239,14 @@ def _case_args(builder: Callable, args: dict) -> dict:
     return {k: v for k, v in args.items() if k in accepted}
 
 
-def _fmt(r: dict) -> str:
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a - b| / |b| (Frobenius norms, in float32): how far two paths' outputs are apart."""
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def format_row(r: dict) -> str:
+    """One measured row (`run_pair`) as the line `dyncompute bench` prints."""
     s = (f"{r['case']}: {r['subject']} {r['subject_ms']:.1f} ms vs {r['reference']} {r['reference_ms']:.1f} ms"
          f" | time ratio {r['time_ratio']:.3f}")
     if r.get("subject_GFLOP/s"):
@@ -403,8 +410,8 @@ def compile_pairs(case: str, name: str, compiled, eager, batch: int) -> list[Ben
     check = lambda r: r["time_ratio"] < 1.0
     fill_zero_parameters(eager)  # adaLN-Zero's zeros make every output 0: nothing to compare
     compiled.load_state_dict(eager.state_dict())
-    a, b = forward(compiled, x, t, y)().float(), forward(eager, x, t, y)().float()  # compiles the forward
-    agree = {"out_rel_diff": ((a - b).norm() / b.norm()).item()}  # compiled vs eager, same weights and inputs
+    # compiled vs eager, same weights and inputs (this first call compiles the forward)
+    agree = {"out_rel_diff": relative_difference(forward(compiled, x, t, y)(), forward(eager, x, t, y)())}
     return [BenchPair(case, Timed(f"{name} train step compiled (B={batch})", train_step(compiled, x, t, y), macs),
                       Timed(f"{name} train step eager (B={batch})", train_step(eager, x, t, y), macs),
                       target="time ratio < 1", check=check),

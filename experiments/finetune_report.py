@@ -183,9 +183,11 @@ def sample_quality(run: Path) -> dict[str, float]:
     """fid_shapes of the run's final EMA model, from ``dyncompute eval`` when it was run (else nothing), and
     that evaluation's ε MSE on its 128 held-out images: the mean over its timesteps, and over t >= 500."""
     path = run / "eval" / "eval.json"
-    if not path.is_file():
-        return {}
-    report = json.loads(path.read_text())
+    return quality_of(json.loads(path.read_text())) if path.is_file() else {}
+
+
+def quality_of(report: dict) -> dict[str, float]:
+    """`sample_quality` from an eval.json's contents."""
     out = {"fid_shapes": float(report["fid_shapes"])}
     mse = report.get("denoising_mse") or {}
     if all(t in mse for t in HIGH_NOISE):
@@ -201,11 +203,10 @@ LONGER = ("upcycled_bridge_thin_n4.4_count_distill", "upcycled_bridge_thin_n4.4_
 def quality_over_steps(root: Path) -> str:
     """fid_shapes of one dynamic upcycled recipe trained 200, 400 and 800 steps (one trajectory: the lr is
     constant after warm-up, so the longer runs retrace the shorter), against the from-scratch DC-DiT's."""
-    runs = [r for r in LONGER if sample_quality(root / UP / r)]
-    if len(runs) < 2:
+    fid = {r: q["fid_shapes"] for r in LONGER if (q := sample_quality(root / UP / r))}
+    if len(fid) < 2:
         return ""
-    cells = [f"{sample_quality(root / UP / r)['fid_shapes']:.1f} after "
-             f"{int(heldout_curve(root / UP / r).step.iloc[-1])} steps" for r in runs]
+    cells = [f"{v:.1f} after {int(heldout_curve(root / UP / r).step.iloc[-1])} steps" for r, v in fid.items()]
     scratch = [sample_quality(root / UP / r).get("fid_shapes") for r in ("dcdit_scratch", "dcdit_scratch_seed1")]
     scratch = " / ".join(f"{v:.1f}" for v in scratch if v is not None)
     return ("\n" + textwrap.fill(
@@ -218,9 +219,9 @@ def quality_over_steps(root: Path) -> str:
 def loss_vs_samples(root: Path) -> str:
     """Across every evaluated run: which loss ranks the runs as fid_shapes does (Spearman's rho), and the
     run that tested the high-noise explanation (every patch kept at t >= 500)."""
-    rows = [{"run": p.name, **sample_quality(p),
-             "spearman": json.loads((p / "eval" / "eval.json").read_text()).get("kept_vs_noise_spearman")}
-            for p in sorted((root / UP).iterdir()) if (p / "eval" / "eval.json").is_file()]
+    reports = {p.name: json.loads((p / "eval" / "eval.json").read_text())
+               for p in sorted((root / UP).iterdir()) if (p / "eval" / "eval.json").is_file()}
+    rows = [{"run": name, **quality_of(r), "spearman": r.get("kept_vs_noise_spearman")} for name, r in reports.items()]
     df = pd.DataFrame(rows).dropna(subset=["eval_mse_t500_999"])
     if len(df) < 4:
         return ""
