@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from . import width
 from .attention import PackedAttention
+from .layers import LayerNorm
 from .linear import Mlp
 from .reducer import Hooks
 from .tokens import Tokens
@@ -47,9 +48,9 @@ class DiTBlock(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm1 = LayerNorm(hidden_size)
         self.attn = PackedAttention(hidden_size, num_heads=num_heads, qkv_bias=True)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm2 = LayerNorm(hidden_size)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
         self.register_buffer("one_at_scale", torch.tensor([0, 1, 0, 0, 1, 0.0]).view(6, 1), persistent=False)

@@ -302,3 +302,35 @@ def test_varlen_kernel_choice_and_override():
         assert attention.VARLEN["kernel"] == "nested"
         assert torch.equal(attention.varlen_attention(q, k, v, tokens), grouped_sdpa(q, k, v, lengths))
     assert attention.VARLEN["kernel"] is before
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.trace, as fvcore uses it
+def test_layer_norm_runs_the_affine_kernel_bit_identically():
+    """DiT's affine-free LayerNorm takes the CPU kernel's vectorised affine path (constant ones and zeros):
+    outputs and gradients equal torch's affine-free LayerNorm bit for bit, the state dict stays empty, and
+    TorchScript tracing (the FLOP count) sees the plain op."""
+    from dyncompute.layers import LayerNorm
+
+    class Weights(TorchDispatchMode):
+        seen: ClassVar[list] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "native_layer_norm":
+                self.seen.append(args[2] is not None)
+            return func(*args, **(kwargs or {}))
+
+    ours, plain = LayerNorm(48), torch.nn.LayerNorm(48, elementwise_affine=False, eps=1e-6)
+    x = (3 * torch.randn(5, 7, 48) + 2).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    with Weights():
+        y = ours(x)
+    y2, g = plain(x2), torch.randn(5, 7, 48)
+    y.backward(g)
+    y2.backward(g)
+    assert Weights.seen == [True]
+    assert torch.equal(y, y2) and torch.equal(x.grad, x2.grad)
+    assert not ours.state_dict() and not list(ours.parameters())
+    graph = torch.jit.trace(ours, x.detach()).inlined_graph
+    assert "aten::layer_norm" in str(graph) and "prim::Constant" in str(graph)
+    node = next(n for n in graph.nodes() if n.kind() == "aten::layer_norm")
+    assert node.inputsAt(2).type().kind() == "NoneType"  # no weight when traced

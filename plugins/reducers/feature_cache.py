@@ -70,8 +70,21 @@ def _storage(spare: torch.Tensor | None, shape: tuple, like: torch.Tensor) -> to
     return like.new_empty(shape)
 
 
-def taylor_sum(value: torch.Tensor, weights: torch.Tensor, diffs: torch.Tensor) -> torch.Tensor:
-    """value + sum_k weights[k] * diffs[k]: one (1 x K) @ (K x N) product added to the value."""
+def taylor_sum(value: torch.Tensor, weights: list[float], diffs: torch.Tensor) -> torch.Tensor:
+    """value + sum_k weights[k] * diffs[k], as K fused multiply-adds: they run at memory speed on the CPU,
+    where the same sum as one (1 x K) @ (K x N) product does not (measured 0.06 vs 0.11 ms for K = 2 on
+    0.5 M numbers). Counted as that product (`_as_product`, which TorchScript tracing sees): K MACs per
+    number."""
+    if torch.jit.is_tracing():
+        return _as_product(value, diffs.new_tensor(weights), diffs)
+    out = torch.add(value, diffs[0], alpha=weights[0])
+    for w, d in zip(weights[1:], diffs[1:]):
+        out.add_(d, alpha=w)
+    return out
+
+
+def _as_product(value: torch.Tensor, weights: torch.Tensor, diffs: torch.Tensor) -> torch.Tensor:
+    """`taylor_sum` as the product whose MACs fvcore counts."""
     K = diffs.shape[0]
     return torch.addmm(value.reshape(1, -1), weights.view(1, K), diffs.reshape(K, -1)).view(value.shape)
 
@@ -138,8 +151,7 @@ class BlockFeatureCache(Reducer):
         if table.diffs is None:
             return value  # plain reuse: no arithmetic
         diffs = read_rows(table.diffs, index, dim=1)
-        weights = torch.tensor([k ** (i + 1) / math.factorial(i + 1) * s for i, s in enumerate(table.scales)],
-                               dtype=diffs.dtype, device=diffs.device)
+        weights = [k ** (i + 1) / math.factorial(i + 1) * s for i, s in enumerate(table.scales)]
         work = ctx.scratch.setdefault("work", [[] for _ in ctx.tokens.lengths])
         width = value.shape[-1]
         for row, n in zip(work, ctx.tokens.lengths):
@@ -155,7 +167,7 @@ class BlockFeatureCache(Reducer):
         if kind != "forecast":
             return super().work_macs(model, kind, size)
         K, n = size
-        return count_macs(taylor_sum, torch.zeros(n), torch.zeros(K), torch.zeros(K, n))
+        return count_macs(_as_product, torch.zeros(n), torch.zeros(K), torch.zeros(K, n))
 
 
 @REDUCERS.register("fora")
