@@ -216,6 +216,61 @@ def quality_over_steps(root: Path) -> str:
         "beats them at equal steps; the claim's <= 1/4 holds for the loss, not for the samples.", 110) + "\n")
 
 
+SCRATCH_HORIZONS = ("dcdit_scratch", "dcdit_scratch_1600", "dcdit_scratch_3200")  # one trajectory: 800, 1600, 3200
+TRAJECTORIES = {  # upcycled recipe -> its runs of 200, 400 and 800 steps (one trajectory each)
+    "thin N = 4.4, count fade, + distillation": LONGER,
+    "thin N = 4.4, count fade, no distillation": ("upcycled_bridge_thin_n4.4_count",
+                                                  "upcycled_bridge_thin_n4.4_count_800"),
+}
+
+
+def horizon_results(root: Path) -> pd.DataFrame:
+    """The claim against each length of from-scratch training: per horizon H and upcycled recipe, the step
+    from which the recipe's loss stays at or below the from-scratch loss at H, and the fewest steps among its
+    evaluated runs whose fid_shapes is at or below the from-scratch fid_shapes at H; each over H."""
+    rows = []
+    for scratch in SCRATCH_HORIZONS:
+        if not (root / UP / scratch / METRICS_FILE).is_file():
+            continue
+        curve, fid = heldout_curve(root / UP / scratch), sample_quality(root / UP / scratch).get("fid_shapes")
+        H, loss = int(curve.step.iloc[-1]), float(curve.heldout_loss.iloc[-1])
+        for recipe, runs in TRAJECTORIES.items():
+            done = [r for r in runs if (root / UP / r / METRICS_FILE).is_file()]
+            if not done:
+                continue
+            longest = heldout_curve(root / UP / done[-1])
+            evaluated = {int(heldout_curve(root / UP / r).step.iloc[-1]): q["fid_shapes"]
+                         for r in done if (q := sample_quality(root / UP / r))}
+            good = [n for n, f in sorted(evaluated.items()) if fid is not None and f <= fid]
+            loss_steps = _stays_below(longest, loss)
+            rows.append({"scratch_steps": H, "scratch_heldout_loss": loss, "scratch_fid_shapes": fid,
+                         "recipe": recipe, "upcycled_steps_trained": int(longest.step.iloc[-1]),
+                         "loss_steps": loss_steps, "loss_steps_ratio": loss_steps / H,
+                         "fid_shapes_evaluated": "; ".join(f"{n}: {f:.1f}" for n, f in sorted(evaluated.items())),
+                         "fid_steps": good[0] if good else float("nan"),
+                         "fid_steps_ratio": good[0] / H if good else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def horizons_text(df: pd.DataFrame) -> str:
+    if df.empty or df.scratch_steps.nunique() < 2:
+        return ""
+    lines = ["**Against longer from-scratch training.** The from-scratch DC-DiT continued to "
+             f"{', '.join(str(h) for h in sorted(df.scratch_steps.unique()))} steps (one trajectory; "
+             "`horizons.csv`). Per horizon H: its loss and fid_shapes at H, and the share of H after which each "
+             "upcycled recipe matches them (loss: stays at or below from then on; fid_shapes: the fewest "
+             "evaluated steps at or below; blank: not within the steps trained):", "",
+             "| H | from-scratch loss | from-scratch fid_shapes | recipe | loss: steps (/ H) | fid_shapes of the "
+             "recipe (steps: value) | fid: steps (/ H) |", "|---:|---:|---:|---|---|---|---|"]
+    for _, r in df.iterrows():
+        fid = "" if pd.isna(r.scratch_fid_shapes) else f"{r.scratch_fid_shapes:.1f}"
+        loss = "" if pd.isna(r.loss_steps) else f"{r.loss_steps:.0f} ({r.loss_steps_ratio:.2f})"
+        fsteps = "" if pd.isna(r.fid_steps) else f"{r.fid_steps:.0f} ({r.fid_steps_ratio:.2f})"
+        lines.append(f"| {r.scratch_steps} | {r.scratch_heldout_loss:.4f} | {fid} | {r.recipe} | {loss} | "
+                     f"{r.fid_shapes_evaluated} | {fsteps} |")
+    return "\n" + "\n".join(lines) + "\n"
+
+
 def loss_vs_samples(root: Path) -> str:
     """Across every evaluated run: which loss ranks the runs as fid_shapes does (Spearman's rho), and the
     run that tested the high-noise explanation (every patch kept at t >= 500)."""
@@ -376,6 +431,9 @@ def upcycling_report(root: Path, out: Path) -> pd.DataFrame:
     long = pd.concat([c.assign(run=n) for n, c in curves.items()], ignore_index=True)
     _csv(long[["run", "step", "heldout_loss"]], out / "curves.csv")
     upcycling_figure(curves, results, out / "heldout_loss.png")
+    horizons = horizon_results(root)
+    if not horizons.empty:
+        _csv(horizons, out / "horizons.csv")
     cols = ["run", "steps_to_reach_scratch_final", "steps_ratio", "upcycled_heldout_loss_at_quarter",
             "scratch_heldout_loss_at_quarter", "upcycled_final_heldout_loss", "kept_fraction_low_t",
             "kept_fraction_high_t", "eval_mse_t500_999", "fid_shapes"]
@@ -437,7 +495,7 @@ Recipes:
 {_table(results, recipe)}
 
 {upcycling_outcome(results, scratch_fid)}
-{quality_over_steps(root)}{loss_vs_samples(root)}
+{quality_over_steps(root)}{horizons_text(horizons)}{loss_vs_samples(root)}
 ![held-out loss](heldout_loss.png)
 
 How the numbers were made and what they say: `NOTES.md`. Files: `results.csv`, `curves.csv` (every

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -73,6 +74,7 @@ RECIPES = {  # upcycled run -> (config, bindings)
     # the same recipe trained half and all of the from-scratch bar's 800 steps: does its fid_shapes catch up at all?
     "upcycled_bridge_thin_n4.4_count_distill_400": (THIN, N44, COUNT, D100, "train.steps = 400"),
     "upcycled_bridge_thin_n4.4_count_distill_800": (THIN, N44, COUNT, D100, "train.steps = 800"),
+    "upcycled_bridge_thin_n4.4_count_800": (THIN, N44, COUNT, "train.steps = 800"),  # the same without distillation
     # a second seed of one dynamic recipe (and of the bar below): how far apart do two trainings land?
     "upcycled_bridge_thin_n4.4_count_distill_seed1": (THIN, N44, COUNT, D100, "train.seed = 1"),
 }
@@ -92,12 +94,19 @@ JOBS = {  # name -> (run directory, dyncompute arguments, runs it starts from)
     "dcdit_dydit_0.5": (f"{DY}/dcdit_dydit_0.5", ["train", "experiments/dydit/dcdit_dydit.gin", "-b",
                                                   "reducers.dydit.target = 0.5"], ["dcdit_scratch"]),
 }
+# the from-scratch bar trained on (its lr is constant after warm-up): a copy of the shorter run's directory resumes
+# with more steps, so each length is one trajectory and keeps its own eval/
+CONTINUED = {"dcdit_scratch_1600": ("dcdit_scratch", 1600), "dcdit_scratch_3200": ("dcdit_scratch_1600", 3200)}
+for _name, (_source, _steps) in CONTINUED.items():
+    JOBS[_name] = (f"{UP}/{_name}", [*JOBS[_source][1], *bound(f"train.steps = {_steps}")], [_source])
 DEFAULT = ["dit", "dcdit_scratch", "upcycled", "upcycled_no_distill", "upcycled_no_distill_block_lr1",
            "upcycled_block_lr1_distill_w0.1", "dit_dydit_0.7", "dit_dydit_0.5", "dit_continued"]
 
 
 def run(name: str, extra: list[str]) -> bool:
     run_dir, args, _ = JOBS[name]
+    if name in CONTINUED and not (ROOT / run_dir).exists():  # resume a copy of the shorter run (not its eval)
+        shutil.copytree(ROOT / JOBS[CONTINUED[name][0]][0], ROOT / run_dir, ignore=shutil.ignore_patterns("eval"))
     Path(ROOT / run_dir).mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "dyncompute.cli", *args, "--run-dir", run_dir, "-b", "train.progress = False",
            *[a for b in extra for a in ("-b", b)]]

@@ -20,6 +20,10 @@ from .chunking import nearest_kept, pad_packed, previous_kept
 
 DECHUNKERS = Registry("dechunkers")
 P_CLAMP = 1e-4  # official clamp of p inside the de-chunk
+# Gaussian weights below exp(-FAR) are set to 0: times p >= P_CLAMP they would be subnormal floats, which x86
+# computes ~5x slower (exp on DC-DiT-S's 8 x 283 x 283 pairs: 7.4 vs 1.5 ms), and next to a token's own
+# weight (>= P_CLAMP) they are ~1e-30 of the sum, far below float32 resolution
+FAR = 78.0
 
 
 class Dechunker(nn.Module):
@@ -46,7 +50,8 @@ class GaussianNearest(Dechunker):
         pk, _ = self.kept_p(p, tokens, grid[1])
         pos, _ = pad_packed(tokens.pos.float(), tokens)
         d2 = (pos[:, :, None] - pos[:, None]).pow(2).sum(-1)
-        w = torch.exp(-d2 / (2 * self.sigma ** 2)) * pk[:, None] * (valid[:, :, None] & valid[:, None])
+        far = (d2 > 2 * self.sigma ** 2 * FAR) | ~(valid[:, :, None] & valid[:, None])
+        w = torch.exp(-(d2 / (2 * self.sigma ** 2)).masked_fill(far, float("inf"))) * pk[:, None]
         smoothed = torch.bmm(w / (w.sum(-1, keepdim=True) + 1e-8), zp)
         out = pk[..., None] * zp + (1 - pk[..., None]) * smoothed
         return _gather_rows(out, nearest_kept(mask, grid[1], tokens.max_len))
