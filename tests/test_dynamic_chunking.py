@@ -249,12 +249,13 @@ def test_nearest_dechunk_is_gaussian_nearest_without_smoothing():
     assert torch.isfinite(model(*batch(2))).all()
 
 
-def test_gaussian_smoothing_drops_only_weights_below_float32_resolution():
-    """Far pairs (weights that would be subnormal floats, slow on x86) get weight 0: the output equals the
-    smoothing over every pair to float32 rounding, on a grid where such pairs exist."""
+def test_dechunk_weights_drop_only_what_is_below_float32_resolution():
+    """Far pairs (weights that would be subnormal floats, slow on x86) get weight 0: the Gaussian smoothing
+    equals the one over every pair, and the raster EMA its recurrence, to float32 rounding, on a grid where
+    such pairs exist."""
     from dyncompute.tokens import Tokens
-    from dyncompute_plugins.tokenizers.dynamic_chunking.chunking import nearest_kept
-    from dyncompute_plugins.tokenizers.dynamic_chunking.dechunk import P_CLAMP, GaussianNearest
+    from dyncompute_plugins.tokenizers.dynamic_chunking.chunking import nearest_kept, previous_kept
+    from dyncompute_plugins.tokenizers.dynamic_chunking.dechunk import P_CLAMP, EmaRaster, GaussianNearest
 
     g = torch.Generator().manual_seed(0)
     mask = torch.rand(2, 1024, generator=g) < 0.3
@@ -264,7 +265,8 @@ def test_gaussian_smoothing_drops_only_weights_below_float32_resolution():
     pos = torch.cat([torch.stack([idx[m] // 32, idx[m] % 32], -1) for m in mask])
     lengths = mask.sum(1).tolist()
     z = torch.randn(sum(lengths), 8, generator=g)
-    out = GaussianNearest()(z, Tokens.from_lengths(z, lengths, pos), p, mask, (32, 32))
+    tokens = Tokens.from_lengths(z, lengths, pos)
+    out, ema = GaussianNearest()(z, tokens, p, mask, (32, 32)), EmaRaster()(z, tokens, p, mask, (32, 32))
     for b, (zb, m) in enumerate(zip(z.split(lengths), mask)):  # every pair, written out per sample
         q, pk = pos[sum(lengths[:b]):][:lengths[b]].float(), p[b, m]
         w = torch.exp(-torch.cdist(q, q).square() / 2) * pk[None]
@@ -272,6 +274,10 @@ def test_gaussian_smoothing_drops_only_weights_below_float32_resolution():
         smoothed = pk[:, None] * zb + (1 - pk[:, None]) * (w / (w.sum(-1, keepdim=True) + 1e-8)) @ zb
         ref = smoothed[nearest_kept(m[None], 32)[0]]
         torch.testing.assert_close(out[b], ref, rtol=1e-5, atol=1e-6)
+        h = [pk[0] * zb[0]]
+        for j in range(1, len(zb)):
+            h.append(pk[j] * zb[j] + (1 - pk[j]) * h[-1])
+        torch.testing.assert_close(ema[b], torch.stack(h)[previous_kept(m[None])[0]], rtol=1e-4, atol=1e-5)
 
 
 def test_router_and_dechunk_run_in_float32_under_autocast():

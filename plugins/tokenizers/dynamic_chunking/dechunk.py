@@ -67,7 +67,8 @@ class EmaRaster(Dechunker):
         decay = torch.log1p(-pk).masked_fill(~valid, 0.0).cumsum(1)  # A_j = sum_{k<=j} log(1 - p_k)
         M = zp.shape[1]
         causal = torch.ones(M, M, dtype=torch.bool, device=z.device).tril()
-        w = torch.exp((decay[:, :, None] - decay[:, None]).masked_fill(~causal, float("-inf"))) * pk[:, None]
+        log_w = decay[:, :, None] - decay[:, None]
+        w = torch.exp(log_w.masked_fill(~causal | (log_w < -FAR), float("-inf"))) * pk[:, None]  # FAR: as above
         return _gather_rows(torch.bmm(w, zp), previous_kept(mask))
 
 
