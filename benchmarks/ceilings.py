@@ -4,7 +4,7 @@
     python benchmarks/ceilings.py roofline
 
 ``cache``: the best ratio "speed-up / MAC reduction" that any eager implementation of a TaylorSeer-style
-block cache can reach on a trained run, DDIM-50 over 32 images (the `taylorseer_ddim50` bench). It times
+block cache can reach on a trained patchify DiT, DDIM-50 over 32 images (the `taylorseer_ddim50` bench). It times
 the uncached call, splits it into model calls and per-step sampler work, and times a skipped
 evaluation stripped to what any implementation must run: patch embedding, the conditioning and every
 block's adaLN in one product, per cached op the forecast of ``order`` and the gated residual add, the
@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+from dyncompute.errors import DyncomputeError, UserError, one_line
 from dyncompute.processes import tune_allocator
 
 
@@ -61,6 +63,8 @@ def cache_ceiling(run: str, order: int, interval: int, images: int = 32, steps: 
     from dyncompute_plugins.reducers.variants import load_variant, sampling_call, trajectory_macs
 
     model = load_variant(run, [], []).eval()
+    if not hasattr(model.tokenizer, "x_embedder"):
+        raise UserError(f"{run} is not a patchify DiT (its tokenizer has no x_embedder)")
     cached = load_variant(run, ["taylorseer"], [f"reducers.taylorseer.interval = {interval}",
                                                  f"reducers.taylorseer.order = {order}"])
     mac_ratio = trajectory_macs(cached, images, steps) / trajectory_macs(model, images, steps)
@@ -148,10 +152,14 @@ def main() -> None:
     sub.add_parser("roofline")
     args = p.parse_args()
     tune_allocator()  # as the `dyncompute` command line does
-    if args.what == "cache":
-        cache_ceiling(args.run, args.order, args.interval)
-    else:
-        roofline_ceiling()
+    try:
+        if args.what == "cache":
+            cache_ceiling(args.run, args.order, args.interval)
+        else:
+            roofline_ceiling()
+    except DyncomputeError as e:
+        print(f"ceilings.py {args.what}: error: {one_line(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
