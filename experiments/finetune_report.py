@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from dyncompute.config import RUN_CONFIGURABLES, bindings_of, scoped  # noqa: E402
 from dyncompute.diffusion import make_objective  # noqa: E402
@@ -273,8 +274,12 @@ def horizons_text(df: pd.DataFrame) -> str:
     both = df[(df.loss_steps_ratio <= 0.25) & (df.fid_steps_ratio <= 0.25)]
     verdicts = []
     def which(rows) -> str:
-        short = ["with distillation" if "+ distillation" in r else "without" for r in rows.recipe]
-        return " and ".join(short) or "neither recipe"
+        if len(rows) == len(TRAJECTORIES):
+            return "both recipes"
+        if not len(rows):
+            return "neither recipe"
+        return "only the recipe " + " and ".join("with distillation" if "+ distillation" in r else "without"
+                                                 for r in rows.recipe)
 
     for H, rows in df.groupby("scratch_steps"):
         verdicts.append(f"H = {H}: the loss within H/4 for {which(rows[rows.loss_steps_ratio <= 0.25])}, "
@@ -319,6 +324,7 @@ def horizons_figure(root: Path, df: pd.DataFrame, path: Path) -> None:
     for ax in (left, right):
         ax.set_xscale("log")
         ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("training steps (upcycled: after upcycling; log). Dashed: the from-scratch value at H, "
                       "from H/4 (|) to H", fontsize=8)
         ax.legend(fontsize=8)
@@ -566,6 +572,7 @@ evaluation of every run). Commands (from the repository root):
 python experiments/finetune_study.py train --only dit dcdit_scratch \\
     {jobs} --jobs 2
 python experiments/finetune_study.py train --only {seed_jobs} --jobs 2
+python experiments/finetune_study.py train --only {" ".join(SCRATCH_HORIZONS[1:])} --jobs 1  # continued bars
 for r in dcdit_scratch upcycled_bridge upcycled_bridge_thin upcycled_bridge_thin_distill; do
     dyncompute eval runs/upcycling/$r --samples 256 --sampler ddim --steps 50; done  # and every other run
 python experiments/finetune_study.py report
