@@ -109,6 +109,7 @@ UPCYCLED = {  # run -> figure label; each run's recipe is read from its config (
     "upcycled_bridge_thin_n4.4_count_distill_keep500": "thins (N=4.4) below t=500 only, by count + distillation",
     "upcycled_bridge_thin_n4.4_count_distill_400": "thins (N=4.4), by count + distillation, 400 steps",
     "upcycled_bridge_thin_n4.4_count_distill_800": "thins (N=4.4), by count + distillation, 800 steps",
+    "upcycled_bridge_thin_n4.4_count_400": "thins (N=4.4), faded by count, 400 steps",
     "upcycled_bridge_thin_n4.4_count_800": "thins (N=4.4), faded by count, 800 steps",
 }
 
@@ -223,6 +224,7 @@ SCRATCH_HORIZONS = ("dcdit_scratch", "dcdit_scratch_1600", "dcdit_scratch_3200")
 TRAJECTORIES = {  # upcycled recipe -> its runs of 200, 400 and 800 steps (one trajectory each)
     "thin N = 4.4, count fade, + distillation": LONGER,
     "thin N = 4.4, count fade, no distillation": ("upcycled_bridge_thin_n4.4_count",
+                                                  "upcycled_bridge_thin_n4.4_count_400",
                                                   "upcycled_bridge_thin_n4.4_count_800"),
 }
 
@@ -345,7 +347,8 @@ def loss_vs_samples(root: Path) -> str:
     if len(df) < 4:
         return ""
     keep = df[df.run.str.contains("_keep")]
-    df = df[~df.run.str.contains("_keep") & ~df.run.isin(LONGER[1:])]  # upcycled runs of 200 steps only
+    longer = {r for runs in TRAJECTORIES.values() for r in runs[1:]} | set(SCRATCH_HORIZONS[1:])
+    df = df[~df.run.str.contains("_keep") & ~df.run.isin(longer)]  # the 800-step bars, upcycled runs of 200 steps
     rho = {c: df.fid_shapes.corr(df[c], method="spearman") for c in ("eval_mse_all_t", "eval_mse_t500_999")}
     worst_static = df[df.run.isin(["dit", "upcycled_bridge"])].eval_mse_t500_999.max()
     scratch = df[df.run.str.startswith("dcdit_scratch")]

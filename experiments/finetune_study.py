@@ -74,7 +74,8 @@ RECIPES = {  # upcycled run -> (config, bindings)
     # the same recipe trained half and all of the from-scratch bar's 800 steps: does its fid_shapes catch up at all?
     "upcycled_bridge_thin_n4.4_count_distill_400": (THIN, N44, COUNT, D100, "train.steps = 400"),
     "upcycled_bridge_thin_n4.4_count_distill_800": (THIN, N44, COUNT, D100, "train.steps = 800"),
-    "upcycled_bridge_thin_n4.4_count_800": (THIN, N44, COUNT, "train.steps = 800"),  # the same without distillation
+    "upcycled_bridge_thin_n4.4_count_400": (THIN, N44, COUNT, "train.steps = 400"),  # the same without distillation
+    "upcycled_bridge_thin_n4.4_count_800": (THIN, N44, COUNT, "train.steps = 800"),
     # a second seed of one dynamic recipe (and of the bar below): how far apart do two trainings land?
     "upcycled_bridge_thin_n4.4_count_distill_seed1": (THIN, N44, COUNT, D100, "train.seed = 1"),
 }
