@@ -24,19 +24,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from dyncompute.bench import median_ms
 from dyncompute.errors import DyncomputeError, UserError, one_line
 from dyncompute.processes import tune_allocator
-
-
-def median_ms(fn, repeats: int = 31, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def split_sampling(model, call, repeats: int = 5) -> tuple[float, float]:
@@ -52,7 +42,8 @@ def split_sampling(model, call, repeats: int = 5) -> tuple[float, float]:
         call()
         totals.append(time.perf_counter() - start)
         model_ms.append(sum(inside))
-    pre.remove(), post.remove()
+    pre.remove()
+    post.remove()
     steps = len(inside)
     total, in_model = statistics.median(totals) * 1e3, statistics.median(model_ms) * 1e3
     return in_model / steps, (total - in_model) / steps
@@ -103,7 +94,7 @@ def cache_ceiling(run: str, order: int, interval: int, images: int = 32, steps: 
                 torch.sub(prev, values[i] if k == 0 else diffs[i][k - 1], alpha=0.5, out=diffs[i][k])
                 prev = diffs[i][k]
 
-    skip_ms, update_ms = median_ms(skipped), median_ms(update) if order else 0.0
+    skip_ms, update_ms = median_ms(skipped, 31, 3), median_ms(update, 31, 3) if order else 0.0
     n_full = sum(1 for e in range(steps) if e < 2 or (e - 1) % interval == 0)
     n_skip = steps - n_full
     uncached = steps * (full + outside)
@@ -133,7 +124,7 @@ def roofline_ceiling() -> None:
     linear = sum(v for k, v in self_ms.items() if k in ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm"))
     attention = sum(v for k, v in self_ms.items() if "scaled_dot_product" in k)
     reference = matmul_reference()
-    ref_ms = median_ms(reference.fn, repeats=9)
+    ref_ms = median_ms(reference.fn, 9, 3)
     rate = reference.macs * 2 / ref_ms / 1e6
     print(f"train step {step_ms:.0f} ms ({flops / step_ms / 1e6:.0f} GFLOP/s): linear layers {linear:.0f} ms, "
           f"attention {attention:.0f} ms (profiled, self time)")

@@ -170,6 +170,13 @@ def _time_once(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
+def median_ms(fn: Callable[[], object], repeats: int = 5, warmup: int = 2) -> float:
+    """Median milliseconds of ``fn`` alone (pairs are timed interleaved by `run_pair`)."""
+    for _ in range(warmup):
+        fn()
+    return statistics.median(_time_once(fn) for _ in range(repeats)) * 1e3
+
+
 def run_pair(pair: BenchPair, warmup: int = 2, repeats: int = 5) -> dict:
     load0 = os.getloadavg()[0]  # the machine's own load (others' jobs on a shared machine), for the record
     with busy(pair.load):

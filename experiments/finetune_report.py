@@ -229,29 +229,41 @@ TRAJECTORIES = {  # upcycled recipe -> its runs of 200, 400 and 800 steps (one t
 }
 
 
-def horizon_results(root: Path) -> pd.DataFrame:
+def trajectory(root: Path, runs: tuple[str, ...]) -> tuple[pd.DataFrame, dict[int, tuple[float, float | None]]]:
+    """One training trajectory kept as runs of growing length: the longest run's held-out curve, and per run
+    trained, its steps -> (final held-out loss, fid_shapes or None when not evaluated)."""
+    done = [r for r in runs if (root / UP / r / METRICS_FILE).is_file()]
+    points, curve = {}, None
+    for r in done:
+        curve = heldout_curve(root / UP / r)
+        points[int(curve.step.iloc[-1])] = (float(curve.heldout_loss.iloc[-1]),
+                                            sample_quality(root / UP / r).get("fid_shapes"))
+    return curve, points
+
+
+def trajectories(root: Path) -> dict[str, tuple[pd.DataFrame, dict]]:
+    """The from-scratch bar ("scratch") and every upcycled recipe of `TRAJECTORIES` that was trained."""
+    found = {"scratch": trajectory(root, SCRATCH_HORIZONS),
+             **{recipe: trajectory(root, runs) for recipe, runs in TRAJECTORIES.items()}}
+    return {name: t for name, t in found.items() if t[1]}
+
+
+def horizon_results(paths: dict[str, tuple[pd.DataFrame, dict]]) -> pd.DataFrame:
     """The claim against each length of from-scratch training: per horizon H and upcycled recipe, the step
     from which the recipe's loss stays at or below the from-scratch loss at H, and the fewest steps among its
     evaluated runs whose fid_shapes is at or below the from-scratch fid_shapes at H; each over H."""
     rows = []
-    for scratch in SCRATCH_HORIZONS:
-        if not (root / UP / scratch / METRICS_FILE).is_file():
-            continue
-        curve, fid = heldout_curve(root / UP / scratch), sample_quality(root / UP / scratch).get("fid_shapes")
-        H, loss = int(curve.step.iloc[-1]), float(curve.heldout_loss.iloc[-1])
-        for recipe, runs in TRAJECTORIES.items():
-            done = [r for r in runs if (root / UP / r / METRICS_FILE).is_file()]
-            if not done:
+    for H, (loss, fid) in paths.get("scratch", (None, {}))[1].items():
+        for recipe, (longest, points) in paths.items():
+            if recipe == "scratch":
                 continue
-            longest = heldout_curve(root / UP / done[-1])
-            evaluated = {int(heldout_curve(root / UP / r).step.iloc[-1]): q["fid_shapes"]
-                         for r in done if (q := sample_quality(root / UP / r))}
-            good = [n for n, f in sorted(evaluated.items()) if fid is not None and f <= fid]
+            evaluated = {n: f for n, (_, f) in sorted(points.items()) if f is not None}
+            good = [n for n, f in evaluated.items() if fid is not None and f <= fid]
             loss_steps = _stays_below(longest, loss)
             rows.append({"scratch_steps": H, "scratch_heldout_loss": loss, "scratch_fid_shapes": fid,
                          "recipe": recipe, "upcycled_steps_trained": int(longest.step.iloc[-1]),
                          "loss_steps": loss_steps, "loss_steps_ratio": loss_steps / H,
-                         "fid_shapes_evaluated": "; ".join(f"{n}: {f:.1f}" for n, f in sorted(evaluated.items())),
+                         "fid_shapes_evaluated": "; ".join(f"{n}: {f:.1f}" for n, f in evaluated.items()),
                          "fid_steps": good[0] if good else float("nan"),
                          "fid_steps_ratio": good[0] / H if good else float("nan")})
     return pd.DataFrame(rows)
@@ -293,24 +305,17 @@ def horizons_text(df: pd.DataFrame) -> str:
     return "\n" + "\n".join(lines) + "\n"
 
 
-def horizons_figure(root: Path, df: pd.DataFrame, path: Path) -> None:
+def horizons_figure(paths: dict[str, tuple[pd.DataFrame, dict]], df: pd.DataFrame, path: Path) -> None:
     """Held-out loss and fid_shapes over training steps: the from-scratch DC-DiT to its longest horizon, the
-    two upcycled recipes to 800 steps; a recipe meets the claim at horizon H if it matches the from-scratch
-    value at H by step H/4 (the dotted lines)."""
+    upcycled recipes to theirs; a recipe meets the claim at horizon H if it matches the from-scratch value at
+    H by step H/4 (the dashed lines)."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5))
-    scratch = [r for r in SCRATCH_HORIZONS if (root / UP / r / METRICS_FILE).is_file()]
-    c = heldout_curve(root / UP / scratch[-1])
-    left.plot(c.step, c.heldout_loss, color="black", label="DC-DiT N=4 from scratch")
-    fid = {int(heldout_curve(root / UP / r).step.iloc[-1]): q["fid_shapes"]
-           for r in scratch if (q := sample_quality(root / UP / r))}
-    right.plot(list(fid), list(fid.values()), color="black", marker="o", label="DC-DiT N=4 from scratch")
-    for i, (recipe, runs) in enumerate(TRAJECTORIES.items()):
-        done = [r for r in runs if (root / UP / r / METRICS_FILE).is_file()]
-        u = heldout_curve(root / UP / done[-1])
-        left.plot(u.step, u.heldout_loss, color=RUN_COLORS[i], label=f"upcycled: {recipe}")
-        q = {int(heldout_curve(root / UP / r).step.iloc[-1]): v["fid_shapes"]
-             for r in done if (v := sample_quality(root / UP / r))}
-        right.plot(list(q), list(q.values()), color=RUN_COLORS[i], marker="s", label=f"upcycled: {recipe}")
+    for i, (name, (curve, points)) in enumerate(paths.items()):
+        scratch = name == "scratch"
+        label, color = ("DC-DiT N=4 from scratch", "black") if scratch else (f"upcycled: {name}", RUN_COLORS[i - 1])
+        left.plot(curve.step, curve.heldout_loss, color=color, label=label)
+        fid = {n: f for n, (_, f) in sorted(points.items()) if f is not None}
+        right.plot(list(fid), list(fid.values()), color=color, marker="o" if scratch else "s", label=label)
     for _, r in df.drop_duplicates("scratch_steps").iterrows():  # the bar at H, to be met by step H/4
         for ax, value in ((left, r.scratch_heldout_loss), (right, r.scratch_fid_shapes)):
             if pd.isna(value):
@@ -498,10 +503,11 @@ def upcycling_report(root: Path, out: Path) -> pd.DataFrame:
     long = pd.concat([c.assign(run=n) for n, c in curves.items()], ignore_index=True)
     _csv(long[["run", "step", "heldout_loss"]], out / "curves.csv")
     upcycling_figure(curves, results, out / "heldout_loss.png")
-    horizons = horizon_results(root)
+    paths = trajectories(root)
+    horizons = horizon_results(paths)
     if not horizons.empty:
         _csv(horizons, out / "horizons.csv")
-        horizons_figure(root, horizons, out / "horizons.png")
+        horizons_figure(paths, horizons, out / "horizons.png")
     cols = ["run", "steps_to_reach_scratch_final", "steps_ratio", "upcycled_heldout_loss_at_quarter",
             "scratch_heldout_loss_at_quarter", "upcycled_final_heldout_loss", "kept_fraction_low_t",
             "kept_fraction_high_t", "eval_mse_t500_999", "fid_shapes"]

@@ -59,14 +59,23 @@ def chunk(h: torch.Tensor, mask: torch.Tensor, pos_embed: torch.Tensor, width: i
 
 def pad_packed(x: torch.Tensor, tokens: Tokens) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed (T, ...) -> padded (B, M, ...) and its validity mask (B, M)."""
-    B, M = tokens.num_samples, tokens.max_len
+    (out,), valid = pad_all(tokens, x)
+    return out, valid
+
+
+def pad_all(tokens: Tokens, *xs: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """`pad_packed` of several packed tensors of the same tokens, with one set of indices."""
+    B, M, T = tokens.num_samples, tokens.max_len, tokens.x.shape[0]
+    device = tokens.cu_seqlens.device
     # indices from the device's cu_seqlens: no host-to-device copy or boolean indexing, so no wait for the GPU
-    lengths = tokens.cu_seqlens.diff()
-    valid = torch.arange(M, device=x.device)[None] < lengths[:, None]
-    slot = tokens.batch * M + torch.arange(x.shape[0], device=x.device) - tokens.cu_seqlens[tokens.batch]
-    out = x.new_zeros((B * M,) + tuple(x.shape[1:]))
-    out[slot] = x
-    return out.unflatten(0, (B, M)), valid
+    valid = torch.arange(M, device=device)[None] < tokens.cu_seqlens.diff()[:, None]
+    slot = tokens.batch * M + torch.arange(T, device=device) - tokens.cu_seqlens[tokens.batch]
+    padded = []
+    for x in xs:
+        out = x.new_zeros((B * M,) + tuple(x.shape[1:]))
+        out[slot] = x
+        padded.append(out.unflatten(0, (B, M)))
+    return padded, valid
 
 
 def nearest_kept(mask: torch.Tensor, width: int, max_len: int | None = None) -> torch.Tensor:

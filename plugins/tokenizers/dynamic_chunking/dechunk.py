@@ -16,7 +16,7 @@ import torch.nn as nn
 from dyncompute.registry import Registry
 from dyncompute.tokens import Tokens
 
-from .chunking import nearest_kept, pad_packed, previous_kept
+from .chunking import nearest_kept, pad_all, pad_packed, previous_kept
 
 DECHUNKERS = Registry("dechunkers")
 P_CLAMP = 1e-4  # official clamp of p inside the de-chunk
@@ -34,11 +34,11 @@ class Dechunker(nn.Module):
         self.sigma = sigma
 
     @staticmethod
-    def kept_p(p: torch.Tensor, tokens: Tokens, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """p (B, L) of the kept tokens, padded (B, M), read at the tokens' own positions (p[mask] would wait
-        for the GPU to count the mask)."""
+    def kept_p(p: torch.Tensor, tokens: Tokens, width: int) -> torch.Tensor:
+        """p (B, L) of the kept tokens, packed (T,), clamped, read at the tokens' own positions (p[mask]
+        would wait for the GPU to count the mask)."""
         rows = tokens.batch * p.shape[1] + tokens.pos[:, 0] * width + tokens.pos[:, 1]
-        return pad_packed(p.float().clamp(P_CLAMP, 1 - P_CLAMP).flatten()[rows], tokens)
+        return p.float().clamp(P_CLAMP, 1 - P_CLAMP).flatten()[rows]
 
 
 @DECHUNKERS.register("gaussian_nearest")
@@ -46,9 +46,7 @@ class GaussianNearest(Dechunker):
     """out_i = p_i z_i + (1 - p_i) sum_j w_ij z_j, w_ij ∝ p_j exp(-|pos_i - pos_j|^2 / 2 sigma^2)."""
 
     def forward(self, z, tokens: Tokens, p, mask, grid):
-        zp, valid = pad_packed(z.float(), tokens)
-        pk, _ = self.kept_p(p, tokens, grid[1])
-        pos, _ = pad_packed(tokens.pos.float(), tokens)
+        (zp, pk, pos), valid = pad_all(tokens, z.float(), self.kept_p(p, tokens, grid[1]), tokens.pos.float())
         d2 = (pos[:, :, None] - pos[:, None]).pow(2).sum(-1)
         far = (d2 > 2 * self.sigma ** 2 * FAR) | ~(valid[:, :, None] & valid[:, None])
         w = torch.exp(-(d2 / (2 * self.sigma ** 2)).masked_fill(far, float("inf"))) * pk[:, None]
@@ -62,8 +60,7 @@ class EmaRaster(Dechunker):
     """h_j = p_j z_j + (1 - p_j) h_{j-1} over kept tokens in raster order (closed form, one bmm)."""
 
     def forward(self, z, tokens: Tokens, p, mask, grid):
-        zp, valid = pad_packed(z.float(), tokens)
-        pk, _ = self.kept_p(p, tokens, grid[1])
+        (zp, pk), valid = pad_all(tokens, z.float(), self.kept_p(p, tokens, grid[1]))
         decay = torch.log1p(-pk).masked_fill(~valid, 0.0).cumsum(1)  # A_j = sum_{k<=j} log(1 - p_k)
         M = zp.shape[1]
         causal = torch.ones(M, M, dtype=torch.bool, device=z.device).tril()
