@@ -22,29 +22,23 @@ class Branch:
     A token hook receives the branch and the block input, so a cache that answers for the op skips the
     norm and modulation too (as FORA and TaylorSeer do), and token merging merges the block input (ToMe's
     residual stream) before the norm. ``prepare`` gives the op's own input (e.g. for ToMe's keys).
-    The block's own tokens use the per-token vectors gathered once per block; other tokens (merged by a
-    reducer) gather theirs from the per-sample ``(B, 2D)`` shift and 1 + scale.
+    The shift and scale are per sample, so tokens merged by a reducer are modulated like the block's own.
     """
 
     norm: nn.Module
     op: Callable[..., torch.Tensor]
-    tokens: Tokens
-    shift: torch.Tensor  # per token of ``tokens``
-    scale: torch.Tensor  # 1 + scale, per token of ``tokens``
-    per_sample: torch.Tensor  # (B, 2D): shift, 1 + scale
+    shift: torch.Tensor  # (B, D)
+    scale: torch.Tensor  # (B, D), 1 + scale
 
     def prepare(self, x: torch.Tensor, tokens: Tokens) -> torch.Tensor:
-        if tokens is self.tokens:
-            return tokens.modulate(self.norm(x), self.shift, self.scale)
-        shift, scale = tokens.per_token(self.per_sample).chunk(2, dim=-1)
-        return tokens.modulate(self.norm(x), shift, scale)
+        return tokens.modulate(self.norm(x), self.shift, self.scale)
 
     def __call__(self, x: torch.Tensor, tokens: Tokens, **kw) -> torch.Tensor:
         return self.op(self.prepare(x, tokens), tokens, **kw)
 
 
 class DiTBlock(nn.Module):
-    """DiT block with adaLN-Zero conditioning; per-sample modulation is gathered onto tokens once."""
+    """DiT block with adaLN-Zero conditioning."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
@@ -58,10 +52,9 @@ class DiTBlock(nn.Module):
     def forward(self, h: torch.Tensor, c: torch.Tensor, tokens: Tokens, hooks: Hooks | None = None,
                 index: int = 0) -> torch.Tensor:
         """h: ``tokens.batched()`` layout; c: (B, D) conditioning; reducers run at ``hooks``."""
-        ada = self.adaLN_vectors(c)  # (B, 6, D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = tokens.per_token(ada.flatten(1)).chunk(6, -1)
-        attention = Branch(self.norm1, self.attn, tokens, shift_msa, scale_msa, ada[:, 0:2].flatten(1))
-        mlp = Branch(self.norm2, self.run_mlp, tokens, shift_mlp, scale_mlp, ada[:, 3:5].flatten(1))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_vectors(c).unbind(1)  # (B, D) each
+        attention = Branch(self.norm1, self.attn, shift_msa, scale_msa)
+        mlp = Branch(self.norm2, self.run_mlp, shift_mlp, scale_mlp)
         a = hooks.token_op("attention", index, attention, h, tokens, self, attention.prepare) if hooks else \
             attention(h, tokens)
         h = tokens.gated_add(h, gate_msa, a)
@@ -82,7 +75,7 @@ class DiTBlock(nn.Module):
 
     def modulated_input(self, h: torch.Tensor, c: torch.Tensor, tokens: Tokens) -> torch.Tensor:
         """The attention branch's adaLN-modulated input (TeaCache's change indicator reads block 0's)."""
-        shift_msa, scale_msa = tokens.per_token(self.adaLN_vectors(c)[:, :2].flatten(1)).chunk(2, -1)
+        shift_msa, scale_msa = self.adaLN_vectors(c)[:, :2].unbind(1)
         return tokens.modulate(self.norm1(h), shift_msa, scale_msa)
 
     def zero_init(self) -> None:

@@ -93,7 +93,8 @@ IGNORED_OPS = frozenset({
     "aten::add", "aten::add_", "aten::sub", "aten::sub_", "aten::rsub", "aten::mul", "aten::mul_",
     "aten::div", "aten::div_", "aten::neg", "aten::abs", "aten::reciprocal", "aten::addcmul",
     "aten::addcmul_", "aten::addcdiv", "aten::lerp", "aten::square", "aten::pow", "aten::sqrt", "aten::diff",
-    "aten::rsqrt", "aten::exp", "aten::log", "aten::log1p", "aten::sin", "aten::cos", "aten::sign",
+    "aten::rsqrt", "aten::exp", "aten::exp_", "aten::threshold", "aten::log", "aten::log1p", "aten::sin",
+    "aten::cos", "aten::sign",
     "aten::round", "aten::trunc", "aten::clamp_min", "aten::clamp_max", "aten::maximum", "aten::minimum",
     # activations and softmax
     "aten::silu", "aten::silu_", "aten::gelu", "aten::gelu_", "aten::sigmoid", "aten::tanh",
@@ -321,8 +322,8 @@ def block_part_macs(model: nn.Module, part: str, length: int, groups: tuple[int,
         on, total = groups
         kw["active"] = (torch.arange(total, device=dev) < on).float()[None]
 
-    def branch(norm, op, v):  # shift = 1 + scale = v, per token and per sample
-        return Branch(norm, op, tokens, tokens.per_token(v), tokens.per_token(v), torch.cat([v, v], -1))
+    def branch(norm, op, v):  # shift = 1 + scale = v
+        return Branch(norm, op, v, v)
 
     fns = {"attention": lambda h, v: branch(block.norm1, block.attn, v)(h, tokens, **kw),
            "mlp": lambda h, v: branch(block.norm2, block.run_mlp, v)(h, tokens, **kw),

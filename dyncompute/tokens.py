@@ -8,6 +8,8 @@ The equal-length case (static patchify) keeps a fast path: ``batched`` views ``x
 Per-sample vectors (adaLN's shift, scale, gate) reach packed tokens through `per_token`: one
 ``index_select`` by ``batch`` per call, so a block costs the same number of kernels whatever the
 batch size (no loop over samples; the loop it replaced launched 2 kernels per sample and use).
+`modulate` and `gated_add` take the per-sample (B, D) vectors and gather each one just before its
+use: a contiguous (T, D) copy, still in cache when the fused multiply-add reads it.
 """
 from __future__ import annotations
 
@@ -77,13 +79,13 @@ class Tokens:
         return v.unsqueeze(1) if self.uniform else v.index_select(0, self.batch)
 
     def modulate(self, x: torch.Tensor, shift: torch.Tensor, one_plus_scale: torch.Tensor) -> torch.Tensor:
-        """adaLN's x * (1 + scale) + shift (`muladd`); the vectors come from `per_token`, the scale with
-        its 1 already added (once per sample, not once per token)."""
-        return muladd(shift, x, one_plus_scale)
+        """adaLN's x * (1 + scale) + shift (`muladd`) for per-sample vectors (B, D), the scale with its 1
+        already added (once per sample, not once per token)."""
+        return muladd(self.per_token(shift), x, self.per_token(one_plus_scale))
 
     def gated_add(self, h: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """adaLN-Zero's gated residual h + gate * y (`muladd`); gate comes from `per_token`."""
-        return muladd(h, gate, y)
+        """adaLN-Zero's gated residual h + gate * y (`muladd`) for a per-sample gate (B, D)."""
+        return muladd(h, self.per_token(gate), y)
 
     def select(self, keep: torch.Tensor, drop_empty: bool = False) -> tuple[Tokens, torch.Tensor]:
         """The tokens where ``keep`` (T,) is True, packed, and their rows in ``x``: an op that skips tokens

@@ -25,8 +25,8 @@ def test_packed_modulate_and_gated_add_equal_per_sample_loops():
     tokens = packed(LENGTHS)
     y, h = torch.randn_like(tokens.x), torch.randn_like(tokens.x)
     shift, scale, gate = torch.randn(3, len(LENGTHS), 16).unbind(0)
-    mod = tokens.modulate(tokens.x, tokens.per_token(shift), tokens.per_token(1 + scale))
-    out = tokens.gated_add(h, tokens.per_token(gate), y)
+    mod = tokens.modulate(tokens.x, shift, 1 + scale)
+    out = tokens.gated_add(h, gate, y)
     for b, (xs, ys, hs, ms, os_) in enumerate(zip(*(tokens.unpack(v) for v in (tokens.x, y, h, mod, out)))):
         assert torch.allclose(ms, xs * (1 + scale[b]) + shift[b], atol=1e-6)
         assert torch.allclose(os_, hs + gate[b] * ys, atol=1e-6)
@@ -65,13 +65,13 @@ def block_kernels(block, lengths):
 
 
 def test_block_kernels_do_not_grow_with_batch_size():
-    """adaLN on packed tokens: one gather per block, then one fused kernel per use (the loop it
-    replaced launched two per sample and use)."""
+    """adaLN on packed tokens: per use, one gather and one fused kernel (the loop it replaced launched
+    two per sample and use)."""
     block = DiTBlock(32, 4).eval()
     few = block_kernels(block, [3, 5])
     many = block_kernels(block, [3, 5, 7, 2, 6, 4, 8, 9])
     adaln = ("index_select", "addcmul", "add", "add_")
-    assert {k: few[k] for k in adaln} == {k: many[k] for k in adaln} == {"index_select": 1, "addcmul": 4, "add": 1,
+    assert {k: few[k] for k in adaln} == {k: many[k] for k in adaln} == {"index_select": 6, "addcmul": 4, "add": 1,
                                                                            "add_": 0}  # add: the 1 of 1 + scale
     # what still grows is attention: one SDPA call per distinct length (as the official varlen stand-in)
     grows = {k for k in many if many[k] != few[k]}
@@ -334,3 +334,45 @@ def test_layer_norm_runs_the_affine_kernel_bit_identically():
     assert "aten::layer_norm" in str(graph) and "prim::Constant" in str(graph)
     node = next(n for n in graph.nodes() if n.kind() == "aten::layer_norm")
     assert node.inputsAt(2).type().kind() == "NoneType"  # no weight when traced
+
+
+def test_rms_norm_equals_torch_with_and_without_gradients():
+    """`layers.RMSNorm` (one fused reduction on the CPU) equals nn.RMSNorm to float32 rounding: outputs, and
+    the gradients of the input and the weight; without gradients too (the weight then scales in place)."""
+    from dyncompute.layers import RMSNorm
+
+    ours, plain = RMSNorm(48, eps=1e-5), torch.nn.RMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(48))
+        plain.weight.copy_(ours.weight)
+    x = (3 * torch.randn(5, 7, 48) + 2).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    y, y2, g = ours(x), plain(x2), torch.randn(5, 7, 48)
+    y.backward(g)
+    y2.backward(g)
+    torch.testing.assert_close(y, y2, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.weight.grad, plain.weight.grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), y2, rtol=1e-6, atol=1e-6)
+    assert list(ours.state_dict()) == list(plain.state_dict()) == ["weight"]
+
+
+@pytest.mark.parametrize("precision", ["highest", "high"])
+def test_grid_distances_by_matmul_are_exact(precision):
+    """The de-chunker's squared distances come from one batched matmul: on integer grid coordinates they equal
+    the elementwise ones exactly, also where float32 matmuls may run in reduced precision (then float64)."""
+    from dyncompute_plugins.tokenizers.dynamic_chunking.chunking import sq_distances
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(0, 128, (3, 50, 2), generator=g), torch.randint(0, 128, (3, 40, 2), generator=g)
+    valid = torch.rand(3, 40, generator=g) < 0.7
+    was = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        d2 = sq_distances(a, b, valid)
+    finally:
+        torch.set_float32_matmul_precision(was)
+    expected = (a[:, :, None] - b[:, None]).square().sum(-1).float()
+    assert torch.equal(d2[valid[:, None].expand_as(d2)], expected[valid[:, None].expand_as(d2)])
+    assert (d2[~valid[:, None].expand_as(d2)] > 1e29).all()

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from dyncompute.registry import Registry
 from dyncompute.tokens import Tokens
 
-from .chunking import nearest_kept, pad_all, pad_packed, previous_kept
+from .chunking import nearest_kept, pad_all, pad_packed, previous_kept, sq_distances
 
 DECHUNKERS = Registry("dechunkers")
 P_CLAMP = 1e-4  # official clamp of p inside the de-chunk
@@ -46,12 +47,12 @@ class GaussianNearest(Dechunker):
     """out_i = p_i z_i + (1 - p_i) sum_j w_ij z_j, w_ij ∝ p_j exp(-|pos_i - pos_j|^2 / 2 sigma^2)."""
 
     def forward(self, z, tokens: Tokens, p, mask, grid):
-        (zp, pk, pos), valid = pad_all(tokens, z.float(), self.kept_p(p, tokens, grid[1]), tokens.pos.float())
-        d2 = (pos[:, :, None] - pos[:, None]).pow(2).sum(-1)
-        far = (d2 > 2 * self.sigma ** 2 * FAR) | ~(valid[:, :, None] & valid[:, None])
-        w = torch.exp(-(d2 / (2 * self.sigma ** 2)).masked_fill(far, float("inf"))) * pk[:, None]
-        smoothed = torch.bmm(w / (w.sum(-1, keepdim=True) + 1e-8), zp)
-        out = pk[..., None] * zp + (1 - pk[..., None]) * smoothed
+        (zp, pk, pos), _ = pad_all(tokens, z.float(), self.kept_p(p, tokens, grid[1]), tokens.pos)
+        # log weights -|pos_i - pos_j|^2 / 2 sigma^2, far pairs (FAR) at -inf; padding has pk = 0, so weight 0
+        logits = F.threshold(sq_distances(pos, pos).mul_(-0.5 / self.sigma ** 2), -FAR, float("-inf"))
+        w = logits.exp_().mul_(pk[:, None])
+        w = w.mul_((1 - pk[..., None]) / (w.sum(-1, keepdim=True) + 1e-8))  # rows: (1 - p_i) w_ij / sum_j w_ij
+        out = torch.baddbmm(pk[..., None] * zp, w, zp)  # p_i z_i + (1 - p_i) smoothed_i
         return _gather_rows(out, nearest_kept(mask, grid[1], tokens.max_len))
 
 

@@ -8,6 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from dyncompute.layers import RMSNorm
+
 
 def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
     """GroupNorm with the official group count when it divides the width (tiny models: the gcd)."""
@@ -50,7 +52,7 @@ class ConvStack(nn.Module):
             raise ValueError(f"widen must be 'last' (encoder) or 'first' (decoder), got {widen!r}")
         dims = [in_dim] * depth + [out_dim] if widen == "last" else [in_dim] + [out_dim] * depth
         self.blocks = nn.ModuleList(ResBlock(dims[i], dims[i + 1], cond_dim) for i in range(depth))
-        self.norm = nn.RMSNorm(out_dim, eps=1e-5)
+        self.norm = RMSNorm(out_dim, eps=1e-5)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:

@@ -10,7 +10,7 @@ import torch.nn as nn
 from einops import rearrange
 
 from dyncompute.errors import ConfigError
-from dyncompute.layers import FinalLayer, grid_positions, sincos_2d
+from dyncompute.layers import FinalLayer, RMSNorm, grid_positions, muladd, sincos_2d
 from dyncompute.registry import TOKENIZERS
 from dyncompute.tokenizer import Tokenizer
 from dyncompute.tokens import Tokens
@@ -91,7 +91,7 @@ class DynamicChunking(Tokenizer):
         self.encoder = ConvStack(d, D, encoder_depth, cond_dim, widen="last")
         self.router = ROUTERS.get(router)(D, target_ratio=target_ratio)
         self.dechunker = DECHUNKERS.get(dechunk)(sigma=dechunk_sigma)
-        self.backbone_norm = nn.RMSNorm(D, eps=1e-5)  # DC-DiT's main network ends with an RMSNorm
+        self.backbone_norm = RMSNorm(D, eps=1e-5)  # DC-DiT's main network ends with an RMSNorm
         self.residual_proj = nn.Linear(D, D)
         self.decoder = ConvStack(D, d, decoder_depth, cond_dim, widen="first")
         self.final_layer = FinalLayer(d, 1, out_channels, cond_dim=cond_dim)
@@ -169,7 +169,7 @@ class DynamicChunking(Tokenizer):
         z = self.backbone_norm(tokens.x)
         with float32(z):
             h = self.dechunker(z, tokens, state.p, state.mask, state.grid)
-        return (h * gate + state.residual).to(z.dtype)
+        return muladd(state.residual, h, gate).to(z.dtype)
 
     def scaffold_condition(self, c: torch.Tensor) -> torch.Tensor:
         """The conditioning the encoder, decoder and final layer see (through the adaptor when there is one)."""
