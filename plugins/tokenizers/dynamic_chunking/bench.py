@@ -5,6 +5,8 @@ when a GPU is present, with flash-attn's varlen kernel where it is installed):
   one fixed-length batch with the same total token count (target: time ratio <= 1.15).
 - ``dcdit_vs_dit``: a whole DC-DiT-S forward (N = 4, ~1/N of the tokens kept) vs DiT-S/2 of the same
   width and depth (target: time ratio <= 1.0 x MAC ratio).
+- ``dcdit_backbone_vs_dit``: the backbones alone (DC-DiT-S on the packed tokens it keeps): where the time
+  per MAC goes.
 - ``dcdit_vs_dit_busy``: the same beside one busy process, where every extra kernel pays a wait.
 - ``dcdit_vs_dit_train``: training steps, DC-DiT-S vs DiT-S/2: throughput per MAC >= 0.95 of DiT's.
 - ``dcdit_compile``: the compiled path (dynamic shapes) vs eager, DC-DiT-S training step and forward.
@@ -38,6 +40,7 @@ from dyncompute.bench import (
     train_step,
 )
 from dyncompute.layers import grid_positions
+from dyncompute.linear import adopt
 from dyncompute.model import DiffusionTransformer
 from dyncompute.tokens import Tokens
 
@@ -51,7 +54,8 @@ BATCH = 8
 def packed_backbone_case(batch: int = BATCH, mean_len: int = 256, spread: float = 0.5) -> list[BenchPair]:
     torch.manual_seed(0)
     device = bench_device()
-    backbone = Backbone(SIZE["hidden_size"], SIZE["depth"], SIZE["num_heads"]).eval().to(device)
+    # adopt: the dense layers on oneDNN, as inside a DiffusionTransformer (timm's qkv would run MKL's sgemm)
+    backbone = adopt(Backbone(SIZE["hidden_size"], SIZE["depth"], SIZE["num_heads"])).eval().to(device)
     g = torch.Generator().manual_seed(0)
     lengths = (mean_len * (1 + spread * (2 * torch.rand(batch, generator=g) - 1))).long()
     lengths[-1] += batch * mean_len - lengths.sum()  # same total token count as the fixed batch
@@ -116,6 +120,32 @@ def dcdit_vs_dit_case(batch: int = BATCH, N: float = 4.0, load: int = 0, compile
               forward_macs(dcdit, x, t, y)),
         Timed(f"DiT-S/2 fwd (B={batch})", reference, forward_macs(dit, x, t, y)),
         target="time ratio <= 1.0 x MAC ratio", check=lambda r: r["time_ratio"] <= r["mac_ratio"], load=load)]
+
+
+@register_case("dcdit_backbone_vs_dit")
+def dcdit_backbone_vs_dit_case(batch: int = BATCH, N: float = 4.0) -> list[BenchPair]:
+    """Where `dcdit_vs_dit`'s time per MAC goes: DC-DiT-S's backbone on the packed tokens its tokenizer keeps
+    against DiT-S/2's backbone on its patches (the same blocks; target as for the whole forward)."""
+    dcdit, dit = dcdit_model(N, batch), dit_model(**SIZE)
+    x, t, y = bench_batch(dit, batch)
+
+    def backbone(model):
+        with torch.no_grad():
+            c = model.condition(t, y)
+            tokens = model.tokenizer.encode(x, c)[0]
+
+        def run():
+            with torch.no_grad():
+                return model.backbone(tokens, c)
+        return run, tokens
+
+    (subject, packed), (reference, _) = backbone(dcdit), backbone(dit)
+    return [BenchPair(
+        "dcdit_backbone_vs_dit",
+        Timed(f"DC-DiT-S backbone, packed lengths {min(packed.lengths)}..{max(packed.lengths)} (B={batch})",
+              subject, counted_flops(subject) / 2),
+        Timed(f"DiT-S/2 backbone (B={batch})", reference, counted_flops(reference) / 2),
+        target="time ratio <= 1.0 x MAC ratio", check=lambda r: r["time_ratio"] <= r["mac_ratio"])]
 
 
 @register_case("dcdit_vs_dit_busy")
