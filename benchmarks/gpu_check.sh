@@ -75,7 +75,7 @@ bench() {  # name, time limit (s), cases and args...
       --out "$OUT/$name.csv" 2>"$OUT/$name.err" | grep -v -e "^wrote" -e "^ *case " -e "^ *[a-z_]* *[A-Z]" \
     || echo "   ($name stopped: exit $?, see $OUT/$name.err)"
 }
-bench throughput 100 dcdit_vs_dit_train dcdit_vs_dit dcdit_varlen_kernel --arg batch="$BATCH"
+bench throughput 110 dcdit_vs_dit_train dcdit_vs_dit dcdit_backbone_vs_dit dcdit_varlen_kernel --arg batch="$BATCH"
 if [ -n "$PEERS" ] && [[ " $STAGES " == *" peers "* ]]; then
   echo "== peers"
   cp benchmarks/peer_stub/flash_attn.py "$PEERS/stub/flash_attn/__init__.py"
