@@ -246,6 +246,19 @@ def test_dcdit_bench_cases_build_and_label_their_kept_fraction():
         assert "kept 0." in pair.subject.label and pair.subject.macs > pair.reference.macs > 0
 
 
+def test_backbone_bench_case_times_each_models_own_tokens():
+    """`dcdit_backbone_vs_dit` runs DC-DiT-S's backbone on the packed tokens its tokenizer keeps and DiT-S/2's
+    on its patches: about a quarter of the pixels against 256 patches, counted MACs on both sides."""
+    from dyncompute.bench import CASES
+    from dyncompute.registry import load_plugins
+
+    load_plugins()
+    (pair,) = CASES["dcdit_backbone_vs_dit"](batch=1)
+    assert "packed lengths" in pair.subject.label and pair.subject.macs > 0 and pair.reference.macs > 0
+    assert 0.5 < pair.subject.macs / pair.reference.macs < 2
+    assert pair.subject.fn().x.shape[1] == pair.reference.fn().x.shape[1] == 384
+
+
 def test_allocator_tuning_applies_on_glibc_and_can_be_switched_off(monkeypatch):
     import platform
 

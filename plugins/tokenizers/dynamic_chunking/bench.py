@@ -26,6 +26,7 @@ from dyncompute.backbone import Backbone
 from dyncompute.bench import (
     BenchPair,
     Timed,
+    autocast,
     bench_batch,
     bench_device,
     compile_pairs,
@@ -130,12 +131,12 @@ def dcdit_backbone_vs_dit_case(batch: int = BATCH, N: float = 4.0) -> list[Bench
     x, t, y = bench_batch(dit, batch)
 
     def backbone(model):
-        with torch.no_grad():
+        with torch.no_grad(), autocast(x.device):
             c = model.condition(t, y)
             tokens = model.tokenizer.encode(x, c)[0]
 
         def run():
-            with torch.no_grad():
+            with torch.no_grad(), autocast(x.device):  # as `forward`: bfloat16 on CUDA
                 return model.backbone(tokens, c)
         return run, tokens
 
