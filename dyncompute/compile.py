@@ -46,7 +46,6 @@ def _compile_static_parts(model: nn.Module, args) -> None:
             model.tokenizer.get_submodule(name).compile()
 
 
-
 @contextlib.contextmanager
 def plain_modules(model: nn.Module):
     """Calls to ``model``'s compiled submodules run their plain forward inside this context."""

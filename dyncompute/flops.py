@@ -94,8 +94,8 @@ IGNORED_OPS = frozenset({
     "aten::div", "aten::div_", "aten::neg", "aten::abs", "aten::reciprocal", "aten::addcmul",
     "aten::addcmul_", "aten::addcdiv", "aten::lerp", "aten::square", "aten::pow", "aten::sqrt", "aten::diff",
     "aten::rsqrt", "aten::exp", "aten::exp_", "aten::threshold", "aten::log", "aten::log1p", "aten::sin",
-    "aten::cos", "aten::sign",
-    "aten::round", "aten::trunc", "aten::clamp_min", "aten::clamp_max", "aten::maximum", "aten::minimum",
+    "aten::cos", "aten::sign", "aten::round", "aten::trunc", "aten::clamp_min", "aten::clamp_max",
+    "aten::maximum", "aten::minimum",
     # activations and softmax
     "aten::silu", "aten::silu_", "aten::gelu", "aten::gelu_", "aten::sigmoid", "aten::tanh",
     "aten::softmax", "aten::log_softmax", "aten::softplus", "aten::leaky_relu", "aten::hardtanh",

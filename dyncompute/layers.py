@@ -19,6 +19,12 @@ def muladd(base: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
     return torch.addcmul(base, a, b)
 
 
+def _cpu_kernel_path(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a norm below may take its faster CPU route: x on the CPU in ``dtype``, and not under
+    TorchScript tracing (fvcore's FLOP count must see the plain op)."""
+    return x.device.type == "cpu" and x.dtype == dtype and not torch.jit.is_tracing()
+
+
 class LayerNorm(nn.LayerNorm):
     """DiT's LayerNorm without learned affine, run through the kernel's affine path with constant ones and
     zeros where that is faster: PyTorch's CPU kernel has no vectorised branch for a missing weight (measured
@@ -32,7 +38,7 @@ class LayerNorm(nn.LayerNorm):
         self.register_buffer("zero", torch.zeros(hidden_size), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dtype != self.unit.dtype or torch.jit.is_tracing():
+        if not _cpu_kernel_path(x, self.unit.dtype):
             return super().forward(x)
         return F.layer_norm(x, self.normalized_shape, self.unit, self.zero, self.eps)
 
@@ -44,8 +50,7 @@ class RMSNorm(nn.RMSNorm):
     float32 rounding; TorchScript tracing (fvcore's count) sees the plain op."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type != "cpu" or x.dtype != torch.float32 or torch.jit.is_tracing() or self.weight is None
-                or len(self.normalized_shape) != 1):
+        if not _cpu_kernel_path(x, torch.float32) or self.weight is None or len(self.normalized_shape) != 1:
             return super().forward(x)
         eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
         rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square().div_(x.shape[-1]).add_(eps).rsqrt_()

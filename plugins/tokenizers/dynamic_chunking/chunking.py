@@ -84,9 +84,10 @@ def nearest_kept(mask: torch.Tensor, width: int, max_len: int | None = None) -> 
     sample kept, when known (counting it waits for the GPU)."""
     B, L = mask.shape
     idx = torch.arange(L, device=mask.device)
-    M = int(mask.sum(1).max()) if max_len is None else max_len
+    counts = mask.sum(1, keepdim=True)
+    M = int(counts.max()) if max_len is None else max_len
     order = torch.where(mask, idx[None], L + idx[None]).argsort(dim=1)[:, :M]  # kept first, raster order
-    valid = torch.arange(M, device=mask.device)[None] < mask.sum(1, keepdim=True)
+    valid = torch.arange(M, device=mask.device)[None] < counts
     grid = torch.stack([idx // width, idx % width], -1)
     return sq_distances(grid.expand(B, L, 2), grid[order], valid).argmin(dim=2)
 
@@ -96,8 +97,8 @@ def sq_distances(a: torch.Tensor, b: torch.Tensor, b_valid: torch.Tensor | None 
     of [a, |a|^2, 1] and [-2b, 1, |b|^2] (one pass over the result instead of five). Every term is an integer
     far below 2^24, so float32 is exact; a reduced-precision matmul (TF32, bfloat16) would not be, so then the
     product runs in float64. Columns where ``b_valid`` (B, m) is False get a distance of ~1e30."""
-    exact = torch.get_float32_matmul_precision() == "highest"
-    a, b = a.to(torch.float32 if exact else torch.float64), b.to(torch.float32 if exact else torch.float64)
+    dtype = torch.float32 if torch.get_float32_matmul_precision() == "highest" else torch.float64
+    a, b = a.to(dtype), b.to(dtype)
     a_sq, b_sq = a.square().sum(-1, keepdim=True), b.square().sum(-1, keepdim=True)
     if b_valid is not None:
         b_sq = b_sq.masked_fill(~b_valid[..., None], 1e30)
