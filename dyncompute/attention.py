@@ -9,11 +9,13 @@ calls than it costs copies, samples of equal length are first permuted next to e
 lengths still cost one call each on the CPU: there, padded+masked SDPA cost ~2x and nested tensors
 ~10-25x the per-sample calls (measured).
 
-Under ``torch.compile`` the grouped path is one custom operator (``dyncompute::grouped_sdpa``) that
-reads the per-sample lengths from a host tensor, so a compiled backbone sees neither a python loop nor
-the lengths, and new lengths do not recompile it. On CUDA too, for now: the varlen kernels take the longest
-length as a python int, which would specialise the graph. On an H200 that made the compiled DC-DiT-S
-training step 6x slower than eager (`benchmarks/results/h200-2026-11-28`).
+Under ``torch.compile`` (blocks compiled with dynamic shapes) new lengths do not recompile:
+- on CUDA in half precision, torch's varlen kernel (``VARLEN["compiled"]``): a custom operator whose
+  longest-length argument is ``tokens.max_len``, which dynamo keeps a symbolic int. Compiled graphs used the
+  grouped path on CUDA before, which made the compiled DC-DiT-S training step 6x slower than eager on an
+  H200 (`benchmarks/results/h200-2026-11-28`). flash-attn's function is not called from compiled graphs;
+- elsewhere, the grouped path as one custom operator (``dyncompute::grouped_sdpa``) that reads the
+  per-sample lengths from a host tensor, so the graph sees neither a python loop nor the lengths.
 
 ``log_size`` (optional, one value per token) adds a bias to every key's logit: ToMe's proportional
 attention, softmax(q k^T / sqrt(d) + log s), where s is how many tokens a merged key stands for.
@@ -47,8 +49,11 @@ PERMUTE_COPIES = 4  # kernels a permutation costs: gather q, k, v, scatter the o
 # The kernel for packed tokens on CUDA: a flash-attn style varlen function (half precision), "nested" (jagged
 # nested-tensor SDPA) or "grouped" (grouped SDPA, as on the CPU). DYNCOMPUTE_VARLEN=nested|grouped|torch picks
 # one (torch: torch's varlen kernel even when flash-attn is installed).
+# "compiled": the kernel compiled graphs call (module docstring), None for the grouped operator.
+_CHOICE = os.environ.get("DYNCOMPUTE_VARLEN", "")
 VARLEN = {"kernel": {"nested": "nested", "grouped": "grouped", "torch": torch_varlen_attn}.get(
-    os.environ.get("DYNCOMPUTE_VARLEN", ""), flash_attn_varlen_func or torch_varlen_attn or "nested")}
+              _CHOICE, flash_attn_varlen_func or torch_varlen_attn or "nested"),
+          "compiled": None if _CHOICE in ("nested", "grouped") else torch_varlen_attn}
 
 
 @contextlib.contextmanager
@@ -62,8 +67,9 @@ def varlen_kernel(kernel):
         VARLEN["kernel"] = was
 
 
-def use_flash(q: torch.Tensor) -> bool:
-    return callable(VARLEN["kernel"]) and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+def flash_applies(q: torch.Tensor) -> bool:
+    """Where the FlashAttention varlen kernels run: CUDA, half precision."""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: Tokens,
@@ -72,11 +78,13 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: 
     key's logit; returns (T, H, d)."""
     if key_bias is not None:  # grouped on every device: the varlen and nested kernels take no bias
         return grouped_sdpa(q, k, v, tokens.lengths, key_bias)
-    if torch.compiler.is_compiling():
-        return torch.ops.dyncompute.grouped_sdpa(q, k, v, tokens.host_lengths)
-    if use_flash(q):
+    compiling = torch.compiler.is_compiling()
+    kernel = VARLEN["compiled" if compiling else "kernel"]
+    if callable(kernel) and flash_applies(q):
         cu = tokens.cu_seqlens.to(torch.int32)
-        return VARLEN["kernel"](q, k, v, cu, cu, tokens.max_len, tokens.max_len)
+        return kernel(q, k, v, cu, cu, tokens.max_len, tokens.max_len)  # max_len: symbolic when compiling
+    if compiling:
+        return torch.ops.dyncompute.grouped_sdpa(q, k, v, tokens.host_lengths)
     if q.is_cuda and VARLEN["kernel"] != "grouped":
         return nested_sdpa(q, k, v, tokens)
     return grouped_sdpa(q, k, v, tokens.lengths)

@@ -31,7 +31,7 @@ class Tokens:
     # Derived, so that compiled code reads a flag and tensors, never the python lengths (which would make
     # torch.compile specialise on every new set of lengths).
     uniform: bool = field(init=False)  # every sample has the same length: the (B, L, D) fast path
-    max_len: int = field(init=False)  # the longest sample (flash-attn's max_seqlen)
+    max_len: int = field(init=False)  # the longest sample (the varlen kernels' max_seqlen; symbolic when compiled)
     host_lengths: torch.Tensor = field(init=False, repr=False)  # (B,) int64 on the CPU
 
     def __post_init__(self):

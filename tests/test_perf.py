@@ -200,6 +200,75 @@ def test_compiled_dcdit_equals_eager_without_recompiling_for_new_lengths():
     assert_counted_alike(compiled, eager, x, t, y)
 
 
+@torch.library.custom_op("dyncompute_test::varlen", mutates_args=())
+def _standin_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                    max_q: int, max_k: int) -> torch.Tensor:
+    """A CPU stand-in with the signature of torch's varlen kernel: grouped SDPA by ``cu_q``; records max_q."""
+    lengths = cu_q.diff().tolist()
+    assert max_q == max_k == max(lengths)
+    _standin_varlen.calls.append(max_q)
+    return grouped_sdpa(q, k, v, lengths)
+
+
+_standin_varlen.calls = []
+_standin_varlen.register_fake(lambda q, k, v, cu_q, cu_k, max_q, max_k: torch.empty_like(q))
+_standin_varlen.register_autograd(
+    lambda ctx, g: (*torch.ops.dyncompute.grouped_sdpa_backward(g.contiguous(), *ctx.saved_tensors), *[None] * 4),
+    setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs[:3], inputs[3].diff().cpu()))
+
+
+def test_compiled_blocks_call_the_varlen_kernel_with_a_symbolic_longest_length(monkeypatch):
+    """On CUDA a compiled block calls the varlen kernel (not the grouped operator, 6x slower there), with the
+    longest length as a symbolic int: new lengths run the same graph. Here a CPU stand-in with the kernel's
+    signature takes the kernel's place; outputs and gradients equal the eager grouped block's."""
+    from dyncompute import attention
+
+    torch.manual_seed(0)
+    block = DiTBlock(32, 4)
+    compiled = torch.compile(block, dynamic=True, backend="aot_eager")
+    for i, lengths in enumerate(([5, 9, 2], [7, 3, 11], [4, 4, 6, 1])):
+        tokens = packed(lengths, dim=32)
+        c = torch.randn(len(lengths), 32)
+        out = block(tokens.x, c, tokens)  # eager, grouped SDPA on the CPU
+        grad = torch.autograd.grad(out.square().sum(), list(block.parameters()))
+        with monkeypatch.context() as m, torch._dynamo.config.patch(error_on_recompile=i > 0):
+            m.setitem(attention.VARLEN, "compiled", torch.ops.dyncompute_test.varlen)
+            m.setattr(attention, "flash_applies", lambda q: True)
+            got = compiled(tokens.x, c, tokens)
+            got_grad = torch.autograd.grad(got.square().sum(), list(block.parameters()))
+        assert _standin_varlen.calls[-1] == max(lengths)
+        assert torch.allclose(got, out, atol=1e-5)
+        assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(got_grad, grad))
+
+
+def test_torch_varlen_kernel_traces_with_a_symbolic_longest_length(monkeypatch):
+    """torch's own varlen kernel (the compiled path's on CUDA), traced on meta tensors: forward and backward
+    graphs, one compilation for three sets of lengths."""
+    from dyncompute import attention
+
+    if attention.torch_varlen_attn is None:
+        pytest.skip("torch < 2.10 has no varlen kernel")
+    monkeypatch.setitem(attention.VARLEN, "compiled", attention.torch_varlen_attn)
+    monkeypatch.setattr(attention, "flash_applies", lambda q: True)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+    run = torch.compile(attention.varlen_attention, dynamic=True, backend=backend, fullgraph=True)
+    for i, lengths in enumerate(([20, 35], [41, 17, 30], [50, 3])):
+        T = sum(lengths)
+        tokens = Tokens.from_lengths(torch.empty(T, 4, device="meta"), lengths,
+                                     torch.zeros(T, 2, dtype=torch.long, device="meta"))
+        q, k, v = (torch.empty(T, 4, 16, device="meta", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            out = run(q, k, v, tokens)
+            out.sum().backward()
+        assert out.shape == q.grad.shape == (T, 4, 16)
+    assert len(graphs) == 1 and "torch_attn._varlen_attn" in graphs[0] and "grouped_sdpa" not in graphs[0]
+
+
 # --------------------------------------------------------------------------- bench instruments
 
 
