@@ -38,6 +38,7 @@ def _raw(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu_
                                               "tanh" if gelu_tanh else "")
 
 
+WEIGHT_GRAD_KERNEL = True  # eager backward: dW and db from `_weight_grads` (False: as matmuls, for comparisons)
 ROW_MULTIPLE = 16  # oneDNN runs 2059 rows ~25% slower than 2064 (measured on DiT-S shapes): pad to a multiple
 
 
@@ -78,6 +79,15 @@ def _grads(grad, x, weight, needs: tuple[bool, bool, bool], mm=_raw):
     return dx, dw, g.sum(0) if needs[2] else None
 
 
+def _weight_grads(grad, x, weight, bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """dW = dY^T X and db = sum dY from oneDNN's inner-product weight-gradient kernel, which reads dY and X
+    as they lie: as a matmul, dY^T is a full-size transposed copy. On DiT-S's fc1 (2048 rows, 384 -> 1536):
+    6.1 vs 7.5 ms; equal on the narrowing layers. The layout change (``to_mkldnn``) is a cheap view."""
+    g, x = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+    dw, db = torch.ops.aten.mkldnn_linear_backward_weights(g.to_mkldnn(), x.to_mkldnn(), weight, bias)
+    return dw, db if bias else None
+
+
 class _Linear(torch.autograd.Function):
     """x W^T + b with all three matmuls of forward and backward on oneDNN, in eager mode. `onednn_linear`
     does the same for compiled graphs; in eager its dispatch costs ~30 us more per forward + backward
@@ -94,7 +104,10 @@ class _Linear(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
-        return _grads(grad, x, weight, needs)
+        if not (needs[1] and WEIGHT_GRAD_KERNEL):
+            return _grads(grad, x, weight, needs)
+        dw, db = _weight_grads(grad, x, weight, needs[2])
+        return _grads(grad, x, weight, (needs[0], False, False))[0], dw, db
 
 
 @torch.library.custom_op("dyncompute::onednn_linear", mutates_args=())

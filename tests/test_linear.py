@@ -33,13 +33,17 @@ def test_gradients_match_f_linear():
     g = torch.Generator().manual_seed(1)
     x, w, b = torch.randn(3, 11, 16, generator=g), torch.randn(8, 16, generator=g), torch.randn(8, generator=g)
     upstream = torch.randn(3, 11, 8, generator=g)
-    grads = []
+    grads, ops = [], []
     for fn in (dl.linear, F.linear):
         leaves = [t.clone().requires_grad_() for t in (x, w, b)]
-        fn(*leaves).mul(upstream).sum().backward()
+        ops.append(_ops(fn(*leaves).mul(upstream).sum().backward))
         grads.append([t.grad for t in leaves])
+    assert "aten::mkldnn_linear_backward_weights" in ops[0]  # dW and db from oneDNN's kernel
     for ours, ref in zip(*grads):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    wi = w.clone().requires_grad_()  # a trained weight beside a frozen bias
+    dl.linear(x, wi, b).mul(upstream).sum().backward()
+    torch.testing.assert_close(wi.grad, grads[1][1], rtol=1e-5, atol=1e-5)
     frozen_w = w.clone()  # only the input needs a gradient (a frozen layer): no weight gradient is made
     xi = x.clone().requires_grad_()
     dl.linear(xi, frozen_w, b).sum().backward()
