@@ -2,7 +2,8 @@
 # Issue 13's GPU check, one script, ~7 minutes on an H100/H200 (run from anywhere; it cd's to the repo):
 #   bash benchmarks/gpu_check.sh [PEERS]     # BATCH=128 REPEATS=10 by default; PY=python3
 # Prints, in bfloat16 on CUDA, each side timed interleaved (medians; kernels per call beside):
-#   0. a check: the varlen kernel's output and dq against float64 grouped SDPA (nested SDPA if it fails);
+#   0. a check: the varlen kernel's output and dq against float64 grouped SDPA (nested SDPA if it fails), and
+#      which kernel the compiled path calls (one graph for three sets of lengths, as eager to rounding);
 #      the compile stages print compiled-vs-eager output differences, the peer stage ours-vs-peer ones;
 #   1. DC-DiT-S (N=4, ~25% of tokens kept; the CUDA varlen kernel) vs DiT-S/2 training step: MACs/s of
 #      DC-DiT over DiT's (target >= 0.95), the same for the forward; the varlen kernel vs nested SDPA;
@@ -36,7 +37,7 @@ else
 fi
 $PY -c "import dyncompute_plugins, dyncompute; print('project from', dyncompute_plugins.__file__)"
 
-timeout 60 $PY - "$DEVICE" <<'PY' 2>&1 | tee "$OUT/checks.log"
+timeout 150 $PY - "$DEVICE" <<'PY' 2>&1 | tee "$OUT/checks.log"
 import sys
 import torch
 from dyncompute import attention
@@ -64,6 +65,22 @@ print(f"varlen attention vs float64: output rel err {err:.1e}, dq rel err {gerr:
 if not (err < 2e-2 and gerr < 5e-2):
     print("VARLEN CHECK FAILED: falling back to nested SDPA")
     sys.exit(3)
+# the compiled path: which attention kernel its graph calls, and no recompilation for new lengths
+graphs = []
+def backend(gm, example_inputs):
+    graphs.append(str(gm.graph))
+    return gm.forward
+run = torch.compile(varlen_attention, dynamic=True, backend=backend)
+for i, lens in enumerate(([64, 17, 100, 3, 250], [31, 200, 90], [120, 5, 77, 260])):  # B != 6 heads (duck sizing)
+    T = sum(lens)
+    t = Tokens.from_lengths(torch.zeros(T, 1, device=device), lens, torch.zeros(T, 2, device=device))
+    a, b, c = (torch.randn(T, 6, 64, generator=g).to(device, dtype) for _ in range(3))
+    with torch._dynamo.config.patch(error_on_recompile=i > 0):
+        got = run(a, b, c, t)
+    d = ((got.float() - varlen_attention(a, b, c, t).float()).norm() / got.float().norm()).item()
+    print(f"compiled varlen attention, lengths {lens}: rel diff to eager {d:.1e}")
+op = "torch_attn._varlen_attn" if "torch_attn._varlen_attn" in graphs[0] else "dyncompute.grouped_sdpa"
+print(f"compiled graphs: {len(graphs)} for 3 sets of lengths, attention by {op}")
 PY
 [ "${PIPESTATUS[0]}" = 3 ] && export DYNCOMPUTE_VARLEN=nested
 
