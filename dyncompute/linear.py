@@ -3,8 +3,9 @@
 PyTorch's CPU ``F.linear`` calls MKL's sgemm, which on AMD processors runs well below the rate of
 oneDNN's matmul (measured on the project's 2-core EPYC machines: 210 vs 330-460 GFLOP/s fp32 on DiT-S
 shapes; ``dyncompute bench dit_train_step`` prints both). `linear` sends fp32 CPU matmuls of a forward
-and of its backward (dX = dY W, dW = dY^T X) through ``torch.ops.mkldnn._linear_pointwise`` and, without
-gradients, fuses the MLP's tanh-GELU into the matmul's epilogue (one kernel instead of two passes).
+and dX = dY W through ``torch.ops.mkldnn._linear_pointwise``, dW = dY^T X and db through oneDNN's
+inner-product weight-gradient kernel (`_weight_grads`), and, without gradients, fuses the MLP's tanh-GELU
+into the matmul's epilogue (one kernel instead of two passes).
 
 Compiled graphs call the same kernel as one opaque operator (`onednn_linear`). It falls back to
 ``F.linear`` wherever that is the better or the only choice: other devices and dtypes, autocast,
