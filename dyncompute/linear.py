@@ -83,7 +83,7 @@ def _grads(grad, x, weight, needs: tuple[bool, bool, bool], mm=_raw):
 def _weight_grads(grad, x, weight, bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """dW = dY^T X and db = sum dY from oneDNN's inner-product weight-gradient kernel, which reads dY and X
     as they lie: as a matmul, dY^T is a full-size transposed copy. On DiT-S's fc1 (2048 rows, 384 -> 1536):
-    6.1 vs 7.5 ms; equal on the narrowing layers. The layout change (``to_mkldnn``) is a cheap view."""
+    6.1 vs 7.5 ms; equal on the narrowing layers. ``to_mkldnn`` costs ~0.1 ms there (no transposed copy)."""
     g, x = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
     dw, db = torch.ops.aten.mkldnn_linear_backward_weights(g.to_mkldnn(), x.to_mkldnn(), weight, bias)
     return dw, db if bias else None
