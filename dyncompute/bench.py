@@ -1,9 +1,10 @@
 """Benchmarks: named cases, each timed against its reference, interleaved in one process.
 
-A case builder returns `BenchPair`s. Subject and reference run alternately (after warm-up) so both
-see the same machine state; the table reports medians, MACs, achieved GFLOP/s (FLOPs = 2 x MACs),
-kernels launched per call (torch.profiler) and the time ratio subject / reference next to the case's
-target. A pair may run beside ``load`` busy processes, so that overhead-bound paths (many small
+A case builder returns `BenchPair`s. Subject and reference run alternately (after warm-up; each round
+in the other order) so both see the same machine state; the table reports medians, MACs, achieved
+GFLOP/s (FLOPs = 2 x MACs), kernels launched per call (torch.profiler) and the time ratio subject /
+reference (the median of the rounds' ratios, with their range: the noise of this machine) next to the
+case's target. A pair may run beside ``load`` busy processes, so that overhead-bound paths (many small
 kernels) show as they do on a shared machine. Cases run on CUDA in bfloat16 when a GPU is present
 (``--device`` overrides), else on the CPU in float32.
 """
@@ -183,14 +184,18 @@ def run_pair(pair: BenchPair, warmup: int = 2, repeats: int = 5) -> dict:
         for _ in range(warmup):
             pair.subject.fn(), pair.reference.fn()
         ts, tr = [], []
-        for _ in range(repeats):  # interleaved: drift hits both sides alike
+        for i in range(repeats):  # interleaved, in alternating order: drift and warm caches hit both sides alike
+            if i % 2:
+                tr.append(_time_once(pair.reference.fn))
             ts.append(_time_once(pair.subject.fn))
-            tr.append(_time_once(pair.reference.fn))
+            if not i % 2:
+                tr.append(_time_once(pair.reference.fn))
         # the instrumented passes after the timed calls, so that what they leave behind (a heap returned to the
         # system by malloc_trim, profiler state) cannot reach this pair's timing
         mem_s, mem_r = peak_memory_mb(pair.subject.fn), peak_memory_mb(pair.reference.fn)
         kernels_s, kernels_r = kernel_launches(pair.subject.fn), kernel_launches(pair.reference.fn)
     ms, mr = statistics.median(ts) * 1e3, statistics.median(tr) * 1e3
+    rounds = sorted(a / b for a, b in zip(ts, tr))  # per-round ratios: this machine's noise, side by side
     row = {
         "case": pair.case, "subject": pair.subject.label, "reference": pair.reference.label,
         "subject_GMACs": _g(pair.subject.macs), "reference_GMACs": _g(pair.reference.macs),
@@ -198,7 +203,8 @@ def run_pair(pair: BenchPair, warmup: int = 2, repeats: int = 5) -> dict:
         "subject_GFLOP/s": _rate(pair.subject.macs, ms), "reference_GFLOP/s": _rate(pair.reference.macs, mr),
         "subject_kernels": kernels_s, "reference_kernels": kernels_r,
         "subject_peak_MiB": mem_s, "reference_peak_MiB": mem_r,
-        "time_ratio": ms / mr, "load": pair.load, "device": str(bench_device()), "target": pair.target,
+        "time_ratio": statistics.median(rounds), "time_ratio_min": rounds[0], "time_ratio_max": rounds[-1],
+        "load": pair.load, "device": str(bench_device()), "target": pair.target,
         "loadavg_1m": (load0 + os.getloadavg()[0]) / 2,
     }
     if pair.subject.macs and pair.reference.macs:
@@ -258,6 +264,8 @@ def format_row(r: dict) -> str:
     """One measured row (`run_pair`) as the line `dyncompute bench` prints."""
     s = (f"{r['case']}: {r['subject']} {r['subject_ms']:.1f} ms vs {r['reference']} {r['reference_ms']:.1f} ms"
          f" | time ratio {r['time_ratio']:.3f}")
+    if r.get("time_ratio_min") is not None:
+        s += f" [{r['time_ratio_min']:.3f}-{r['time_ratio_max']:.3f} over rounds]"
     if r.get("subject_GFLOP/s"):
         s += f" | {r['subject_GFLOP/s']:.1f} vs {r['reference_GFLOP/s'] or float('nan'):.1f} GFLOP/s"
     if r.get("mac_ratio"):

@@ -294,6 +294,27 @@ def test_busy_processes_use_the_cpu_and_stop():
     assert not workers[0].is_alive()
 
 
+def test_bench_pairs_alternate_their_order_and_report_the_rounds_ratios(monkeypatch):
+    """Each timed round runs the two sides in the other order; the time ratio is the median of the rounds'
+    ratios, with their range beside it."""
+    from dyncompute import bench
+
+    durations = {"S": iter([2.0, 3.0, 4.0, 6.0]), "R": iter([1.0, 3.0, 2.0, 2.0])}  # rounds' ratios 2, 1, 2, 3
+    order = []
+
+    def timed(fn):
+        order.append(fn())
+        return next(durations[order[-1]])
+
+    monkeypatch.setattr(bench, "_time_once", timed)
+    row = bench.run_pair(bench.BenchPair("t", bench.Timed("s", lambda: "S"), bench.Timed("r", lambda: "R")),
+                         warmup=0, repeats=4)
+    assert order == ["S", "R", "R", "S", "S", "R", "R", "S"]
+    assert (row["time_ratio"], row["time_ratio_min"], row["time_ratio_max"]) == (2.0, 1.0, 3.0)
+    assert row["subject_ms"] == 3500 and row["reference_ms"] == 2000
+    assert "time ratio 2.000 [1.000-3.000 over rounds]" in bench.format_row(row)
+
+
 def test_bench_case_args_are_checked(capsys):
     from dyncompute.bench import parse_case_args
     from dyncompute.cli import main
