@@ -10,7 +10,8 @@
 #   2. with PEERS (a folder laid out by ../shared/peer-bench/setup_peers.sh): ours vs the original DiT and
 #      the official DC-DiT code, batch 8 and 64 (benchmarks/gpu_peers.py);
 #   3. eager vs compiled (DiffusionTransformer.compile = True): DiT-S/2 (one full graph) and DC-DiT-S
-#      (dynamic shapes), training step and forward; the DiT-S/2 training step against the bf16 matmul.
+#      (dynamic shapes), training step and forward; the DiT-S/2 training step against the bf16 matmul;
+#   4. stage 1's DC-DiT-S vs DiT-S/2 pairs with both models compiled (compiled_vs).
 # Offline machines: put the project's wheel and its missing dependencies' wheels in .whl/ (pip wheel /
 # pip download); they are installed into /tmp/site. Otherwise pip installs the project (editable).
 set -uo pipefail
@@ -21,7 +22,7 @@ REPEATS=${REPEATS:-10}
 OUT=${OUT:-/tmp/dyncompute_gpu_check}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu BATCH=2 REPEATS=1 checks the plumbing without a GPU
 PEERS=${1:-}
-STAGES=${STAGES:-throughput peers compile_dit roofline compile_dcdit}  # a subset reruns only those
+STAGES=${STAGES:-throughput peers compile_dit roofline compile_dcdit compiled_vs}  # a subset reruns only those
 mkdir -p "$OUT"
 
 if compgen -G ".whl/*.whl" >/dev/null; then  # dependencies from .whl/; the project editable (else its wheel)
@@ -102,6 +103,7 @@ fi
 bench compile_dit 80 dit_compile --arg batch="$BATCH"
 bench roofline 40 dit_train_step --arg batch="$BATCH"
 bench compile_dcdit "${COMPILE_DCDIT_S:-100}" dcdit_compile --arg batch="$BATCH"
+bench compiled_vs "${COMPILED_VS_S:-150}" dcdit_vs_dit_train dcdit_vs_dit --arg batch="$BATCH" --arg compile=True
 
 $PY - "$OUT" <<'PY'
 import sys
