@@ -84,7 +84,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: 
         cu = tokens.cu_seqlens.to(torch.int32)
         return kernel(q, k, v, cu, cu, tokens.max_len, tokens.max_len)  # max_len: symbolic when compiling
     if compiling:
-        return torch.ops.dyncompute.grouped_sdpa(q, k, v, tokens.host_lengths)
+        return torch.ops.dyncompute.grouped_sdpa(q, k, v, tokens.host_lengths)[0]
     if q.is_cuda and VARLEN["kernel"] != "grouped":
         return nested_sdpa(q, k, v, tokens)
     return grouped_sdpa(q, k, v, tokens.lengths)
@@ -139,11 +139,12 @@ def _token_order(lengths: list[int], perm: torch.Tensor, device) -> tuple[torch.
 
 
 def _calls(x: torch.Tensor, calls) -> list[torch.Tensor]:
-    """Views of packed (T, H, d) as (n, H, L, d) per call; of a per-token (T,) bias as (n, 1, 1, L)."""
+    """Views of packed (T, H, d) as (n, H, L, d) per call; of a (T, H) log-sum-exp as (n, H, L); of a
+    per-token (T,) bias as (n, 1, 1, L)."""
     out, s = [], 0
     for count, n in calls:
         part = x[s:s + count * n].unflatten(0, (count, n))
-        out.append(part.transpose(1, 2) if x.dim() == 3 else part[:, None, None, :])
+        out.append(part.transpose(1, 2) if x.dim() > 1 else part[:, None, None, :])
         s += count * n
     return out
 
@@ -172,31 +173,55 @@ def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths,
 # --------------------------------------------------------------------------- the compiled path
 
 
+def _permuted(lengths, device, *tensors):
+    """The plan for ``lengths``, the inverse permutation (None when unpermuted) and ``tensors`` (packed) in
+    the plan's sample order."""
+    perm, calls = sdpa_plan(lengths)
+    if perm is None:
+        return calls, None, tensors
+    index, inverse = _token_order(lengths, perm, device)
+    return calls, inverse, tuple(t.index_select(0, index) for t in tensors)
+
+
+def _unpermuted(inverse, *tensors):
+    return tensors if inverse is None else tuple(t.index_select(0, inverse) for t in tensors)
+
+
 @torch.library.custom_op("dyncompute::grouped_sdpa", mutates_args=())
-def _grouped_sdpa_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, host_lengths: torch.Tensor) -> torch.Tensor:
-    return grouped_sdpa(q, k, v, host_lengths.tolist())
+def _grouped_sdpa_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     host_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`grouped_sdpa`, and on the CPU the flash kernel's log-sum-exp per token and head (T, H) for the
+    backward (empty elsewhere)."""
+    if q.device.type != "cpu":
+        return grouped_sdpa(q, k, v, host_lengths.tolist()), q.new_empty(0, dtype=torch.float32)
+    calls, inverse, (q, k, v) = _permuted(host_lengths.tolist(), q.device, q, k, v)
+    outs = [torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*a)
+            for a in zip(_calls(q, calls), _calls(k, calls), _calls(v, calls))]
+    return _unpermuted(inverse, _pack([o for o, _ in outs]), _pack([lse for _, lse in outs]))
 
 
 @_grouped_sdpa_op.register_fake
 def _(q, k, v, host_lengths):
-    return torch.empty_like(q)
+    lse = q.new_empty(q.shape[:2] if q.device.type == "cpu" else 0, dtype=torch.float32)
+    return torch.empty_like(q), lse
 
 
 @torch.library.custom_op("dyncompute::grouped_sdpa_backward", mutates_args=())
 def _grouped_sdpa_backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              out: torch.Tensor, lse: torch.Tensor,
                               host_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of `grouped_sdpa` (autograd is off inside a custom operator: the softmax-attention
-    backward written out, per call, recomputing the probabilities as flash attention does)."""
-    lengths = host_lengths.tolist()
-    perm, calls = sdpa_plan(lengths)
-    if perm is not None:
-        index, inverse = _token_order(lengths, perm, q.device)
-        grad, q, k, v = (t.index_select(0, index) for t in (grad, q, k, v))
-    grads = [_sdpa_backward(*a) for a in zip(*(_calls(t, calls) for t in (grad, q, k, v)))]
-    dq, dk, dv = (_pack(list(g)) for g in zip(*grads))
-    if perm is None:
-        return dq, dk, dv
-    return tuple(d.index_select(0, inverse) for d in (dq, dk, dv))
+    """Gradients of `grouped_sdpa` (autograd is off inside a custom operator), per call: the CPU flash
+    kernel's backward from the saved output and log-sum-exp (the eager path's kernel); elsewhere the
+    softmax-attention backward written out, recomputing the probabilities."""
+    cpu = q.device.type == "cpu"
+    calls, inverse, packed = _permuted(host_lengths.tolist(), q.device, grad, q, k, v, *((out, lse) if cpu else ()))
+    views = zip(*(_calls(t, calls) for t in packed))
+    if cpu:
+        grads = [torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(g, a, b, c, o, m, 0.0, False)
+                 for g, a, b, c, o, m in views]
+    else:
+        grads = [_sdpa_backward(*a) for a in views]
+    return _unpermuted(inverse, *(_pack(list(g)) for g in zip(*grads)))
 
 
 def _sdpa_backward(grad, q, k, v):
@@ -210,17 +235,17 @@ def _sdpa_backward(grad, q, k, v):
 
 
 @_grouped_sdpa_backward_op.register_fake
-def _(grad, q, k, v, host_lengths):
+def _(grad, q, k, v, out, lse, host_lengths):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    ctx.save_for_backward(*inputs, *output)
 
 
-def _backward(ctx, grad):
-    q, k, v, host_lengths = ctx.saved_tensors
-    dq, dk, dv = torch.ops.dyncompute.grouped_sdpa_backward(grad.contiguous(), q, k, v, host_lengths)
+def _backward(ctx, grad, _grad_lse):
+    q, k, v, host_lengths, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.dyncompute.grouped_sdpa_backward(grad.contiguous(), q, k, v, out, lse, host_lengths)
     return dq, dk, dv, None
 
 

@@ -92,11 +92,23 @@ def test_grouped_attention_equals_per_sample(lengths):
     ref = per_sample_attention(q, k, v, lengths)
     ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
     tokens = Tokens.from_lengths(q.detach().flatten(1), lengths, torch.zeros(sum(lengths), 2, dtype=torch.long))
-    for out in (grouped_sdpa(q, k, v, lengths), torch.ops.dyncompute.grouped_sdpa(q, k, v, tokens.host_lengths),
+    torch.library.opcheck(torch.ops.dyncompute.grouped_sdpa.default, (q, k, v, tokens.host_lengths))
+    for out in (grouped_sdpa(q, k, v, lengths), torch.ops.dyncompute.grouped_sdpa(q, k, v, tokens.host_lengths)[0],
                 nested_sdpa(q, k, v, tokens)):  # nested: CUDA's one-call path, checked here on its CPU fallback
         assert torch.allclose(out, ref, atol=1e-6)
         for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), ref_grads):
             assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_written_out_attention_backward_equals_autograd():
+    """The compiled grouped operator's backward off the CPU (no flash log-sum-exp there)."""
+    from dyncompute.attention import _sdpa_backward
+
+    q, k, v = (torch.randn(2, 3, 7, 8, requires_grad=True) for _ in range(3))
+    grad = torch.randn(2, 3, 7, 8)
+    ref = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v), (q, k, v), grad)
+    for a, b in zip(_sdpa_backward(grad, q.detach(), k.detach(), v.detach()), ref):
+        assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_sdpa_plan_groups_runs_and_permutes_only_when_it_pays():
@@ -212,9 +224,17 @@ def _standin_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: tor
 
 _standin_varlen.calls = []
 _standin_varlen.register_fake(lambda q, k, v, cu_q, cu_k, max_q, max_k: torch.empty_like(q))
+
+
+def _standin_backward(ctx, g):
+    q, k, v, lengths = ctx.saved_tensors
+    out, lse = torch.ops.dyncompute.grouped_sdpa(q, k, v, lengths)
+    return *torch.ops.dyncompute.grouped_sdpa_backward(g.contiguous(), q, k, v, out, lse, lengths), *[None] * 4
+
+
 _standin_varlen.register_autograd(
-    lambda ctx, g: (*torch.ops.dyncompute.grouped_sdpa_backward(g.contiguous(), *ctx.saved_tensors), *[None] * 4),
-    setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs[:3], inputs[3].diff().cpu()))
+    _standin_backward, setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs[:3],
+                                                                                       inputs[3].diff().cpu()))
 
 
 def test_compiled_blocks_call_the_varlen_kernel_with_a_symbolic_longest_length(monkeypatch):
