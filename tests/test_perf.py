@@ -32,6 +32,20 @@ def test_packed_modulate_and_gated_add_equal_per_sample_loops():
         assert torch.allclose(os_, hs + gate[b] * ys, atol=1e-6)
 
 
+def test_compiled_gather_sums_its_gradient_per_sample():
+    """Compiled graphs gather per-sample vectors through `_PerToken`, whose backward is one opaque per-sample
+    sum (`sum_by_sample`): the same gradient as index_select's, and a well-formed operator."""
+    from dyncompute.tokens import _PerToken, sum_by_sample
+
+    tokens = packed(LENGTHS)
+    v = torch.randn(len(LENGTHS), 16, requires_grad=True)
+    grad = torch.randn(sum(LENGTHS), 16)
+    torch.library.opcheck(sum_by_sample, (grad, tokens.batch, len(LENGTHS)))
+    ours = torch.autograd.grad(_PerToken.apply(v, tokens.batch), v, grad)[0]
+    assert torch.allclose(ours, torch.autograd.grad(v.index_select(0, tokens.batch), v, grad)[0], atol=1e-6)
+    assert torch.allclose(ours, torch.stack([g.sum(0) for g in tokens.unpack(grad)]), atol=1e-5)
+
+
 def test_uniform_tokens_broadcast_per_sample_vectors():
     tokens = Tokens.from_batched(torch.randn(3, 4, 8), torch.zeros(4, 2, dtype=torch.long))
     v = torch.randn(3, 8)
