@@ -5,12 +5,14 @@ take it) compiles, on first call:
 - **static tokenizers** (``Tokenizer.static_shapes``, e.g. patchify: every input of a size gives the
   same token count) and no reducers: the whole forward as one graph (``fullgraph``);
 - otherwise (dynamic chunking, reducers): every backbone block with **dynamic shapes**: the token count,
-  the per-sample lengths and the batch size are runtime values (`Tokens` hands compiled code a flag and
-  tensors, attention is one custom operator), so a new set of lengths does not recompile, and all blocks
+  the per-sample lengths and the batch size are runtime values (`Tokens` hands compiled code a flag,
+  tensors and a symbolic longest length; attention is one custom operator, torch's varlen kernel on CUDA; the
+  per-sample sums of the backward are one operator), so a new set of lengths does not recompile, and all blocks
   share one graph; the tokenizer's ``static_parts`` (e.g. DC-DiT's convolutional ends, whose shapes
   follow the input grid) are compiled with static shapes, once the first call shows the model off the
-  CPU: there inductor's code for them ran slower than eager oneDNN (DC-DiT-S at B = 8, 2-core CPU: encoder
-  26.2 vs 24.5 ms, decoder 27.3 vs 24.1 ms), so on the CPU they stay eager.
+  CPU: there compiling them made the DC-DiT-S forward slower (B = 8, 2-core CPU: 1.006 and 1.009 x, 20
+  interleaved rounds in each of two processes, though the encoder alone ran faster compiled), so on the CPU
+  they stay eager.
 ``nn.Module.compile`` leaves parameter names and state dicts as they are (checkpoints and EMA copies see
 the plain modules); ``torch.compiler.set_stance("force_eager")`` runs eager, and `plain_modules` lets
 TorchScript tracing (fvcore's FLOP count), which cannot enter compiled code, trace the modules as written.
