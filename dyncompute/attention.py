@@ -153,26 +153,6 @@ def _pack(outs: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([o.transpose(1, 2).flatten(0, 1) for o in outs])
 
 
-def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths,
-                 key_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """SDPA within each sample of packed q, k, v (T, H, d), one call per group of equal lengths;
-    ``key_bias`` (T,) is added to every key's logit."""
-    lengths = [int(n) for n in lengths]
-    perm, calls = sdpa_plan(lengths)
-    if perm is not None:
-        index, inverse = _token_order(lengths, perm, q.device)
-        q, k, v = (t.index_select(0, index) for t in (q, k, v))
-        key_bias = None if key_bias is None else key_bias.index_select(0, index)
-    masks = [None] * len(calls) if key_bias is None else _calls(key_bias.to(q.dtype), calls)
-    outs = [F.scaled_dot_product_attention(a, b, c, attn_mask=m)
-            for a, b, c, m in zip(_calls(q, calls), _calls(k, calls), _calls(v, calls), masks)]
-    out = _pack(outs)
-    return out if perm is None else out.index_select(0, inverse)
-
-
-# --------------------------------------------------------------------------- the compiled path
-
-
 def _permuted(lengths, device, *tensors):
     """The plan for ``lengths``, the inverse permutation (None when unpermuted) and ``tensors`` (packed) in
     the plan's sample order."""
@@ -185,6 +165,21 @@ def _permuted(lengths, device, *tensors):
 
 def _unpermuted(inverse, *tensors):
     return tensors if inverse is None else tuple(t.index_select(0, inverse) for t in tensors)
+
+
+def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths,
+                 key_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """SDPA within each sample of packed q, k, v (T, H, d), one call per group of equal lengths;
+    ``key_bias`` (T,) is added to every key's logit."""
+    bias = () if key_bias is None else (key_bias,)
+    calls, inverse, (q, k, v, *bias) = _permuted([int(n) for n in lengths], q.device, q, k, v, *bias)
+    masks = _calls(bias[0].to(q.dtype), calls) if bias else [None] * len(calls)
+    outs = [F.scaled_dot_product_attention(a, b, c, attn_mask=m)
+            for a, b, c, m in zip(_calls(q, calls), _calls(k, calls), _calls(v, calls), masks)]
+    return _unpermuted(inverse, _pack(outs))[0]
+
+
+# --------------------------------------------------------------------------- the compiled path
 
 
 @torch.library.custom_op("dyncompute::grouped_sdpa", mutates_args=())

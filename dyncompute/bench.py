@@ -184,12 +184,10 @@ def run_pair(pair: BenchPair, warmup: int = 2, repeats: int = 5) -> dict:
         for _ in range(warmup):
             pair.subject.fn(), pair.reference.fn()
         ts, tr = [], []
+        sides = ((ts, pair.subject), (tr, pair.reference))
         for i in range(repeats):  # interleaved, in alternating order: drift and warm caches hit both sides alike
-            if i % 2:
-                tr.append(_time_once(pair.reference.fn))
-            ts.append(_time_once(pair.subject.fn))
-            if not i % 2:
-                tr.append(_time_once(pair.reference.fn))
+            for times, side in sides[::-1] if i % 2 else sides:
+                times.append(_time_once(side.fn))
         # the instrumented passes after the timed calls, so that what they leave behind (a heap returned to the
         # system by malloc_trim, profiler state) cannot reach this pair's timing
         mem_s, mem_r = peak_memory_mb(pair.subject.fn), peak_memory_mb(pair.reference.fn)

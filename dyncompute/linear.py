@@ -39,7 +39,6 @@ def _raw(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu_
                                               "tanh" if gelu_tanh else "")
 
 
-WEIGHT_GRAD_KERNEL = True  # eager backward: dW and db from `_weight_grads` (False: as matmuls, for comparisons)
 ROW_MULTIPLE = 16  # oneDNN runs 2059 rows ~25% slower than 2064 (measured on DiT-S shapes): pad to a multiple
 
 
@@ -74,20 +73,19 @@ def _mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu_t
 
 def _grads(grad, x, weight, needs: tuple[bool, bool, bool], mm=_raw, weight_kernel: bool = True):
     """dX = dY W (``mm``), dW = dY^T X and db = sum dY (the rows of every leading dimension together), the
-    last two from `_weight_grads` when ``weight_kernel`` (and `WEIGHT_GRAD_KERNEL`), else as ``mm``."""
-    g = grad.reshape(-1, grad.shape[-1])
+    last two from `_weight_grads` when ``weight_kernel``, else as ``mm``."""
+    g, rows = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
     dx = mm(g, weight.t(), None).view(x.shape) if needs[0] else None
-    if needs[1] and weight_kernel and WEIGHT_GRAD_KERNEL:
-        return dx, *_weight_grads(g, x, weight, needs[2])
-    dw = mm(g.t(), x.reshape(-1, x.shape[-1]).t(), None) if needs[1] else None
+    if needs[1] and weight_kernel:
+        return dx, *_weight_grads(g, rows, weight, needs[2])
+    dw = mm(g.t(), rows.t(), None) if needs[1] else None
     return dx, dw, g.sum(0) if needs[2] else None
 
 
-def _weight_grads(grad, x, weight, bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """dW = dY^T X and db = sum dY from oneDNN's inner-product weight-gradient kernel, which reads dY and X
-    as they lie: as a matmul, dY^T is a full-size transposed copy. On DiT-S's fc1 (2048 rows, 384 -> 1536):
-    6.1 vs 7.5 ms; equal on the narrowing layers. ``to_mkldnn`` costs ~0.1 ms there (no transposed copy)."""
-    g, x = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+def _weight_grads(g, x, weight, bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """dW = dY^T X and db = sum dY of rows g (n, N), x (n, K) from oneDNN's inner-product weight-gradient
+    kernel, which reads them as they lie: as a matmul, dY^T is a full-size transposed copy. On DiT-S's fc1
+    (2048 rows, 384 -> 1536): 6.1 vs 7.5 ms; equal on the narrowing layers."""
     dw, db = torch.ops.aten.mkldnn_linear_backward_weights(g.to_mkldnn(), x.to_mkldnn(), weight, bias)
     return dw, db if bias else None
 
