@@ -13,6 +13,8 @@ cost no more than uncached ones and no Python overhead between the parts.
 
 ``roofline``: the DiT-S/2 training step (`dit_train_step`) profiled; if everything but its linear layers
 and its attention took no time, its GFLOP/s would be at most this share of the oneDNN 2048^2 matmul rate.
+It then prints what 85% would leave for the rest of the step (norms, activations, the loss, AdamW) even
+with attention at the matmul rate, and the rest's largest kernels.
 """
 from __future__ import annotations
 
@@ -121,16 +123,36 @@ def roofline_ceiling() -> None:
         for _ in range(3):
             step()
     self_ms = {e.key: e.self_cpu_time_total / 3e3 for e in prof.key_averages()}
-    linear = sum(v for k, v in self_ms.items() if k in ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm"))
+    linear = sum(v for k, v in self_ms.items() if k in LINEAR_KERNELS)
     attention = sum(v for k, v in self_ms.items() if "scaled_dot_product" in k)
     reference = matmul_reference()
     ref_ms = median_ms(reference.fn, 9, 3)
     rate = reference.macs * 2 / ref_ms / 1e6
+    attention_flops = 2 * attention_macs(model, x)
+    rest = {k: v for k, v in self_ms.items() if k not in LINEAR_KERNELS and "scaled_dot_product" not in k}
     print(f"train step {step_ms:.0f} ms ({flops / step_ms / 1e6:.0f} GFLOP/s): linear layers {linear:.0f} ms, "
-          f"attention {attention:.0f} ms (profiled, self time)")
+          f"attention {attention:.0f} ms ({attention_flops / attention / 1e6:.0f} GFLOP/s), the rest "
+          f"{sum(rest.values()):.0f} ms (profiled, self time)")
     print(f"{reference.label}: {rate:.0f} GFLOP/s; with everything else free the step would run at "
           f"{flops / (linear + attention) / 1e6:.0f} GFLOP/s = {flops / (linear + attention) / 1e6 / rate:.0%} "
           f"of it (target 85%)")
+    at_rate = attention_flops / rate / 1e6
+    budget = flops / (0.85 * rate) / 1e6 - linear - at_rate
+    print(f"with attention at the matmul rate too ({at_rate:.0f} ms), 85% leaves {budget:.0f} ms for the rest; "
+          f"its largest parts:")
+    for k, v in sorted(rest.items(), key=lambda kv: -kv[1])[:8]:
+        print(f"  {v:7.1f} ms  {k}")
+
+
+# the dense layers' kernels: forward and dX (oneDNN matmul, or MKL where oneDNN does not apply), dW and db
+LINEAR_KERNELS = ("mkldnn::_linear_pointwise", "aten::mkldnn_linear_backward_weights", "aten::addmm", "aten::mm")
+
+
+def attention_macs(model, x) -> float:
+    """Attention's useful MACs per training step of a patchify DiT: QK^T and PV forward (2 L^2 D per block and
+    sample), twice that backward (dQ and dK, dP and dV)."""
+    cfg, tokens = model.config, model.tokenizer.grid_size ** 2
+    return 3.0 * cfg.depth * x.shape[0] * 2 * tokens ** 2 * cfg.hidden_size
 
 
 def main() -> None:
