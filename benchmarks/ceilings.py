@@ -109,6 +109,10 @@ def cache_ceiling(run: str, order: int, interval: int, images: int = 32, steps: 
           f"{mac_ratio / time_ratio:.3f} (target 0.9)")
 
 
+# the dense layers' kernels: forward and dX (oneDNN matmul, or MKL where oneDNN does not apply), dW and db
+LINEAR_KERNELS = ("mkldnn::_linear_pointwise", "aten::mkldnn_linear_backward_weights", "aten::addmm", "aten::mm")
+
+
 def roofline_ceiling() -> None:
     from torch.profiler import profile
 
@@ -142,10 +146,6 @@ def roofline_ceiling() -> None:
           f"its largest parts:")
     for k, v in sorted(rest.items(), key=lambda kv: -kv[1])[:8]:
         print(f"  {v:7.1f} ms  {k}")
-
-
-# the dense layers' kernels: forward and dX (oneDNN matmul, or MKL where oneDNN does not apply), dW and db
-LINEAR_KERNELS = ("mkldnn::_linear_pointwise", "aten::mkldnn_linear_backward_weights", "aten::addmm", "aten::mm")
 
 
 def attention_macs(model, x) -> float:
